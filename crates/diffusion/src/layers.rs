@@ -1,0 +1,326 @@
+//! Linear and convolution layers addressable by their diffusers module path, with the extension
+//! point the `easyphoto-lora` crate uses; plus the norms and activations the models share.
+//!
+//! Every [`Linear`] and [`Conv2d`] of a model knows its path (for example
+//! `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`). A model implements
+//! [`VisitLayers`], so a caller can attach [`Adapter`]s (run-time low-rank deltas, trainable
+//! through candle's autograd), detach them (hot-swap without reloading), or replace weights
+//! (merge). With no adapter attached a layer costs one empty-`Vec` check.
+
+use std::sync::Arc;
+
+use candle_core::{D, DType, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+/// A term added to a layer's output, computed from the layer's input (a LoRA branch
+/// `scale * up(down(x))`, a full delta `x @ Dᵀ`, ...).
+pub trait Adapter: Send + Sync + std::fmt::Debug {
+    /// The term to add to the wrapped layer's output for input `x`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
+}
+
+/// `y = x Wᵀ + b`, plus the attached adapters.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    path: String,
+    inner: candle_nn::Linear,
+    adapters: Vec<Arc<dyn Adapter>>,
+}
+
+impl Linear {
+    /// Loads `weight` `[out, in]` (and `bias` `[out]` when `bias`) under `vb`.
+    pub fn new(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
+        Ok(Self { path: vb.prefix(), inner: candle_nn::Linear::new(weight, bias), adapters: vec![] })
+    }
+
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.inner.bias()
+    }
+
+    /// Replaces the weight (for merging a delta); the shape must not change.
+    pub fn set_weight(&mut self, weight: Tensor) -> Result<()> {
+        same_shape(&self.path, self.weight(), &weight)?;
+        self.inner = candle_nn::Linear::new(weight, self.inner.bias().cloned());
+        Ok(())
+    }
+
+    pub fn attach(&mut self, adapter: Arc<dyn Adapter>) {
+        self.adapters.push(adapter);
+    }
+
+    pub fn detach_all(&mut self) {
+        self.adapters.clear();
+    }
+
+    pub fn adapters(&self) -> &[Arc<dyn Adapter>] {
+        &self.adapters
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // candle 0.11.1 computes a wrong product for a batched, transposed (non-contiguous)
+        // input here; copying costs nothing for the usual contiguous input.
+        let x = &x.contiguous()?;
+        let y = self.inner.forward(x)?;
+        add_adapters(y, x, &self.adapters)
+    }
+}
+
+/// A 2-D convolution, plus the attached adapters.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    path: String,
+    inner: candle_nn::Conv2d,
+    adapters: Vec<Arc<dyn Adapter>>,
+}
+
+impl Conv2d {
+    /// Loads a square `kernel` convolution with bias under `vb`.
+    pub fn new(
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        let cfg = candle_nn::Conv2dConfig { padding, stride, ..Default::default() };
+        let weight = vb.get((out_channels, in_channels, kernel, kernel), "weight")?;
+        let bias = vb.get(out_channels, "bias")?;
+        Ok(Self { path: vb.prefix(), inner: candle_nn::Conv2d::new(weight, Some(bias), cfg), adapters: vec![] })
+    }
+
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+
+    pub fn config(&self) -> &candle_nn::Conv2dConfig {
+        self.inner.config()
+    }
+
+    /// Replaces the weight (for merging a delta); the shape must not change.
+    pub fn set_weight(&mut self, weight: Tensor) -> Result<()> {
+        same_shape(&self.path, self.weight(), &weight)?;
+        self.inner = candle_nn::Conv2d::new(weight, self.inner.bias().cloned(), *self.inner.config());
+        Ok(())
+    }
+
+    pub fn attach(&mut self, adapter: Arc<dyn Adapter>) {
+        self.adapters.push(adapter);
+    }
+
+    pub fn detach_all(&mut self) {
+        self.adapters.clear();
+    }
+
+    pub fn adapters(&self) -> &[Arc<dyn Adapter>] {
+        &self.adapters
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.inner.forward(x)?;
+        add_adapters(y, x, &self.adapters)
+    }
+}
+
+fn add_adapters(mut y: Tensor, x: &Tensor, adapters: &[Arc<dyn Adapter>]) -> Result<Tensor> {
+    for adapter in adapters {
+        y = (y + adapter.forward(x)?)?;
+    }
+    Ok(y)
+}
+
+fn same_shape(path: &str, old: &Tensor, new: &Tensor) -> Result<()> {
+    if old.dims() != new.dims() {
+        candle_core::bail!("{path}: new weight has shape {:?}, expected {:?}", new.dims(), old.dims())
+    }
+    Ok(())
+}
+
+/// A mutable borrow of one addressable layer.
+pub enum LayerMut<'a> {
+    Linear(&'a mut Linear),
+    Conv2d(&'a mut Conv2d),
+}
+
+impl LayerMut<'_> {
+    pub fn path(&self) -> &str {
+        match self {
+            Self::Linear(l) => l.path(),
+            Self::Conv2d(c) => c.path(),
+        }
+    }
+
+    pub fn attach(&mut self, adapter: Arc<dyn Adapter>) {
+        match self {
+            Self::Linear(l) => l.attach(adapter),
+            Self::Conv2d(c) => c.attach(adapter),
+        }
+    }
+
+    pub fn detach_all(&mut self) {
+        match self {
+            Self::Linear(l) => l.detach_all(),
+            Self::Conv2d(c) => c.detach_all(),
+        }
+    }
+}
+
+/// Walks every addressable layer of a model, in module order.
+pub trait VisitLayers {
+    fn visit_layers(&mut self, f: &mut dyn FnMut(LayerMut<'_>));
+
+    /// The diffusers module paths of all addressable layers.
+    fn layer_paths(&mut self) -> Vec<String> {
+        let mut paths = vec![];
+        self.visit_layers(&mut |layer| paths.push(layer.path().to_string()));
+        paths
+    }
+
+    /// Attaches `adapter` to the layer at `path`.
+    fn attach_adapter(&mut self, path: &str, adapter: Arc<dyn Adapter>) -> crate::Result<()> {
+        let mut adapter = Some(adapter);
+        self.visit_layers(&mut |mut layer| {
+            if layer.path() == path
+                && let Some(a) = adapter.take()
+            {
+                layer.attach(a);
+            }
+        });
+        match adapter {
+            None => Ok(()),
+            Some(_) => Err(crate::DiffusionError::UnknownLayer(path.to_string())),
+        }
+    }
+
+    /// Removes every adapter from every layer.
+    fn detach_all_adapters(&mut self) {
+        self.visit_layers(&mut |mut layer| layer.detach_all());
+    }
+}
+
+impl VisitLayers for Linear {
+    fn visit_layers(&mut self, f: &mut dyn FnMut(LayerMut<'_>)) {
+        f(LayerMut::Linear(self))
+    }
+}
+
+impl VisitLayers for Conv2d {
+    fn visit_layers(&mut self, f: &mut dyn FnMut(LayerMut<'_>)) {
+        f(LayerMut::Conv2d(self))
+    }
+}
+
+impl<T: VisitLayers> VisitLayers for Option<T> {
+    fn visit_layers(&mut self, f: &mut dyn FnMut(LayerMut<'_>)) {
+        if let Some(inner) = self {
+            inner.visit_layers(f)
+        }
+    }
+}
+
+impl<T: VisitLayers> VisitLayers for Vec<T> {
+    fn visit_layers(&mut self, f: &mut dyn FnMut(LayerMut<'_>)) {
+        for inner in self {
+            inner.visit_layers(f)
+        }
+    }
+}
+
+/// Layer normalisation over the last dimension. Uses candle's fused kernel for inference, and a
+/// composition with a backward pass when gradients are tracked (the fused one has none).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self { weight: vb.get(dim, "weight")?, bias: vb.get(dim, "bias")?, eps })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if !x.track_op() && !self.weight.track_op() {
+            return candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32);
+        }
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let x = x.broadcast_sub(&mean)?;
+        let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let x = x.broadcast_div(&(var + self.eps)?.sqrt()?)?.to_dtype(dtype)?;
+        x.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+    }
+}
+
+/// Softmax over the last dimension: the fused kernel for inference, the differentiable
+/// composition when gradients are tracked.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if x.track_op() { candle_nn::ops::softmax(x, D::Minus1) } else { candle_nn::ops::softmax_last_dim(x) }
+}
+
+/// The activations named by diffusers configs (`act_fn`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    Gelu,
+}
+
+impl Activation {
+    /// Parses a diffusers activation name (`silu`, `swish`, `gelu`).
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "silu" | "swish" => Some(Self::Silu),
+            "gelu" => Some(Self::Gelu),
+            _ => None,
+        }
+    }
+}
+
+impl Module for Activation {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Silu => x.silu(),
+            Self::Gelu => x.gelu_erf(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Module, Tensor};
+
+    #[test]
+    fn linear_on_transposed_input_equals_linear_on_a_copy() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 64, 48), &dev).unwrap().transpose(1, 2).unwrap();
+        let weights = [("weight".to_string(), Tensor::randn(0f32, 0.1, (32, 64), &dev).unwrap())].into_iter().collect();
+        let vb = candle_nn::VarBuilder::from_tensors(weights, candle_core::DType::F32, &dev);
+        let linear = super::Linear::new(vb, 64, 32, false).unwrap();
+        let a = linear.forward(&x).unwrap();
+        let b = x.contiguous().unwrap().broadcast_matmul(&linear.weight().t().unwrap()).unwrap();
+        let err = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(err < 1e-5, "{err}");
+    }
+}

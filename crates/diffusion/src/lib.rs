@@ -1,0 +1,33 @@
+//! Stable Diffusion (SD1.x, SD2.x, SDXL) in candle: the UNet and VAE of diffusers, loaded from
+//! diffusers folders or from the single-file checkpoints users download, with every linear and
+//! convolution addressable by its diffusers path for LoRA.
+//!
+//! ```no_run
+//! use easyphoto_diffusion::{load_unet, load_vae};
+//! # fn main() -> easyphoto_diffusion::Result<()> {
+//! let device = candle_core::Device::Cpu;
+//! let unet = load_unet("v1-5-pruned-emaonly.safetensors".as_ref(), candle_core::DType::F32, &device)?;
+//! let vae = load_vae("v1-5-pruned-emaonly.safetensors".as_ref(), candle_core::DType::F32, &device)?;
+//! # Ok(()) }
+//! ```
+
+pub mod attention;
+pub mod diffusers_folder;
+pub mod embeddings;
+pub mod error;
+pub mod layers;
+pub mod resnet;
+pub mod single_file;
+pub mod unet_2d_blocks;
+pub mod unet_2d_condition;
+pub mod vae;
+pub mod weights;
+
+mod load;
+
+pub use error::{DiffusionError, Result, ShapeMismatch};
+pub use layers::{Adapter, LayerMut, VisitLayers};
+pub use load::{load_unet, load_vae};
+pub use single_file::{ModelFamily, SingleFile};
+pub use unet_2d_condition::{UNet2DConditionModel, UNet2DConditionModelConfig, UNetConditioning};
+pub use vae::{AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian, Tiling};
