@@ -2,8 +2,9 @@
 //! `transformers/transformer_2d.Transformer2DModel` (the spatial transformer of the UNet).
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 
+use crate::cpu::norm::GroupNorm;
 use crate::layers::{LayerMut, LayerNorm, Linear, VisitLayers, softmax_last_dim};
 
 /// Multi-head attention with `to_q`, `to_k`, `to_v`, `to_out.0`.
@@ -59,9 +60,22 @@ impl Attention {
     }
 
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let kind = if q.dim(2)? == k.dim(2)? { "attend/self" } else { "attend/cross" };
+        let _p = crate::cpu::profile::scope_flops(kind, 4.0 * (q.elem_count() * k.dim(2)?) as f64);
         let dtype = q.dtype();
+        #[cfg(feature = "flash-attn")]
+        if q.device().is_cuda() && !q.track_op() {
+            // FlashAttention-2 takes [B, N, H, d] in f16/bf16 (forward only, hence not when training).
+            let half = if dtype == DType::BF16 { DType::BF16 } else { DType::F16 };
+            let to = |t: &Tensor| t.transpose(1, 2)?.to_dtype(half)?.contiguous();
+            let out = candle_flash_attn::flash_attn(&to(q)?, &to(k)?, &to(v)?, self.scale as f32, false)?;
+            return out.transpose(1, 2)?.to_dtype(dtype);
+        }
         let compute = if self.upcast || dtype == DType::BF16 || dtype == DType::F16 { DType::F32 } else { dtype };
         let (q, k, v) = (q.to_dtype(compute)?, k.to_dtype(compute)?, v.to_dtype(compute)?);
+        if let Some(out) = crate::cpu::attention::attention(&q, &k, &v, self.scale)? {
+            return out.to_dtype(dtype);
+        }
         let scores = (q.matmul(&k.t()?)? * self.scale)?;
         softmax_last_dim(&scores)?.matmul(&v)?.to_dtype(dtype)
     }
@@ -95,10 +109,8 @@ impl FeedForward {
 
 impl Module for FeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.proj.forward(x)?;
-        let half = h.dim(candle_core::D::Minus1)? / 2;
-        let (h, gate) = (h.narrow(candle_core::D::Minus1, 0, half)?, h.narrow(candle_core::D::Minus1, half, half)?);
-        self.out.forward(&(h * gate.gelu_erf()?)?)
+        let h = crate::cpu::geglu::geglu(&self.proj.forward(x)?)?;
+        self.out.forward(&h)
     }
 }
 
@@ -211,7 +223,7 @@ impl Transformer2DModel {
             .map(|i| BasicTransformerBlock::new(vb.pp("transformer_blocks").pp(i), inner, cfg))
             .collect::<Result<_>>()?;
         Ok(Self {
-            norm: candle_nn::group_norm(cfg.groups, channels, 1e-6, vb.pp("norm"))?,
+            norm: GroupNorm::new(vb.pp("norm"), cfg.groups, channels, 1e-6)?,
             proj_in: Projection::new(vb.pp("proj_in"), channels, inner, linear)?,
             transformer_blocks: blocks,
             proj_out: Projection::new(vb.pp("proj_out"), inner, channels, linear)?,

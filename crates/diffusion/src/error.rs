@@ -45,6 +45,9 @@ pub enum DiffusionError {
     #[error("invalid input `{name}`: {message}")]
     InvalidInput { name: &'static str, message: String },
 
+    #[error("cancelled by the progress callback after step {step}")]
+    Cancelled { step: usize },
+
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

@@ -71,6 +71,7 @@ impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // candle 0.11.1 computes a wrong product for a batched, transposed (non-contiguous)
         // input here; copying costs nothing for the usual contiguous input.
+        let _p = crate::cpu::profile::scope_flops("linear", 2.0 * (x.elem_count() * self.weight().dim(0)?) as f64);
         let x = &x.contiguous()?;
         let y = self.inner.forward(x)?;
         add_adapters(y, x, &self.adapters)
@@ -135,8 +136,33 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.inner.forward(x)?;
+        let _p = crate::cpu::profile::scope_flops(
+            conv_kind(self.weight(), self.config()),
+            conv_flops(x, self.weight(), self.config()),
+        );
+        let y = match crate::cpu::conv::conv2d(x, self.inner.weight(), self.inner.bias(), self.inner.config())? {
+            Some(y) => y,
+            None => self.inner.forward(x)?,
+        };
         add_adapters(y, x, &self.adapters)
+    }
+}
+
+fn conv_kind(w: &Tensor, cfg: &candle_nn::Conv2dConfig) -> &'static str {
+    match (w.dims().get(2), cfg.stride) {
+        (Some(1), _) => "conv1x1",
+        (_, 1) => "conv3x3",
+        _ => "conv3x3/s2",
+    }
+}
+
+fn conv_flops(x: &Tensor, w: &Tensor, cfg: &candle_nn::Conv2dConfig) -> f64 {
+    match (x.dims4(), w.dims4()) {
+        (Ok((b, _, h, wd)), Ok((cout, cin, kh, kw))) => {
+            let out = |i: usize, k: usize| (i + 2 * cfg.padding).saturating_sub(k) / cfg.stride.max(1) + 1;
+            2.0 * (b * cout * out(h, kh) * out(wd, kw) * cin * kh * kw) as f64
+        }
+        _ => 0.0,
     }
 }
 
@@ -261,6 +287,7 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _p = crate::cpu::profile::scope("layer_norm");
         if !x.track_op() && !self.weight.track_op() {
             return candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32);
         }
@@ -300,6 +327,7 @@ impl Activation {
 
 impl Module for Activation {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _p = crate::cpu::profile::scope("activation");
         match self {
             Self::Silu => x.silu(),
             Self::Gelu => x.gelu_erf(),

@@ -12,12 +12,20 @@
 //! ```
 
 pub mod attention;
+pub mod clip;
+pub mod cpu;
 pub mod diffusers_folder;
 pub mod embeddings;
 pub mod error;
 pub mod layers;
+pub mod noise;
+pub mod prompt;
 pub mod resnet;
+pub mod sampling;
+pub mod schedulers;
 pub mod single_file;
+pub mod text_encoding;
+pub mod tokenizer;
 pub mod unet_2d_blocks;
 pub mod unet_2d_condition;
 pub mod vae;
@@ -25,9 +33,13 @@ pub mod weights;
 
 mod load;
 
+pub use clip::{CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection};
 pub use error::{DiffusionError, Result, ShapeMismatch};
 pub use layers::{Adapter, LayerMut, VisitLayers};
 pub use load::{load_unet, load_vae};
-pub use single_file::{ModelFamily, SingleFile};
+pub use noise::SeededNoise;
+pub use prompt::{ExtraNetwork, PromptChunk, PromptPart};
+pub use single_file::{ModelFamily, SingleFile, TextEncoderSlot};
+pub use tokenizer::{ClipTokenizer, PadToken};
 pub use unet_2d_condition::{UNet2DConditionModel, UNet2DConditionModelConfig, UNetConditioning};
 pub use vae::{AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian, Tiling};

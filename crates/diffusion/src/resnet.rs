@@ -2,8 +2,9 @@
 //! 2× resamplers shared by the UNet and the VAE.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 
+use crate::cpu::norm::GroupNorm;
 use crate::layers::{Activation, Conv2d, LayerMut, Linear, VisitLayers};
 
 /// How the time embedding enters a [`ResnetBlock2D`] (`resnet_time_scale_shift`).
@@ -56,10 +57,10 @@ impl ResnetBlock2D {
         let conv_shortcut =
             if cin != cout { Some(Conv2d::new(vb.pp("conv_shortcut"), cin, cout, 1, 1, 0)?) } else { None };
         Ok(Self {
-            norm1: candle_nn::group_norm(cfg.groups, cin, cfg.eps, vb.pp("norm1"))?,
+            norm1: GroupNorm::new(vb.pp("norm1"), cfg.groups, cin, cfg.eps)?,
             conv1: Conv2d::new(vb.pp("conv1"), cin, cout, 3, 1, 1)?,
             time_emb_proj,
-            norm2: candle_nn::group_norm(cfg.groups, cout, cfg.eps, vb.pp("norm2"))?,
+            norm2: GroupNorm::new(vb.pp("norm2"), cfg.groups, cout, cfg.eps)?,
             conv2: Conv2d::new(vb.pp("conv2"), cout, cout, 3, 1, 1)?,
             conv_shortcut,
             cfg,
@@ -69,23 +70,23 @@ impl ResnetBlock2D {
     /// `temb` is `[B, temb_channels]`, or `None` for blocks built without a time embedding.
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         let act = self.cfg.act;
-        let h = self.conv1.forward(&act.forward(&self.norm1.forward(x)?)?)?;
+        let h = self.conv1.forward(&self.norm1.forward_act(x, Some(act))?)?;
         let temb = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(t)) => Some(proj.forward(&act.forward(t)?)?.unsqueeze(2)?.unsqueeze(3)?),
             _ => None,
         };
         let h = match (self.cfg.time_embedding_norm, temb) {
-            (TimeEmbeddingNorm::Default, Some(t)) => self.norm2.forward(&h.broadcast_add(&t)?)?,
+            (TimeEmbeddingNorm::Default, Some(t)) => self.norm2.forward_act(&h.broadcast_add(&t)?, Some(act))?,
             (TimeEmbeddingNorm::ScaleShift, Some(t)) => {
                 let (scale, shift) = (
                     t.narrow(1, 0, self.cfg.out_channels)?,
                     t.narrow(1, self.cfg.out_channels, self.cfg.out_channels)?,
                 );
-                self.norm2.forward(&h)?.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(&shift)?
+                act.forward(&self.norm2.forward(&h)?.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(&shift)?)?
             }
-            (_, None) => self.norm2.forward(&h)?,
+            (_, None) => self.norm2.forward_act(&h, Some(act))?,
         };
-        let h = self.conv2.forward(&act.forward(&h)?)?;
+        let h = self.conv2.forward(&h)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(x)?,
             None => x.clone(),

@@ -2,12 +2,19 @@
 //! `first_stage_model.*`), as users download them: family detection, configs inferred from
 //! key names and shapes, and the diffusers ↔ LDM key mapping (the inverse direction of diffusers'
 //! `single_file_utils`, applied lazily at lookup time).
+//!
+//! Text encoders are found under the prefixes diffusers knows (`cond_stage_model.transformer.`,
+//! `conditioner.embedders.N.` ...), with transformers' names or OpenCLIP's fused ones.
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::VarBuilder;
+use candle_nn::var_builder::SimpleBackend;
 
+use crate::clip::{self, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection};
 use crate::error::{DiffusionError, Result};
 use crate::unet_2d_condition::{PerBlock, UNet2DConditionModel, UNet2DConditionModelConfig};
 use crate::vae::{AutoencoderKL, AutoencoderKLConfig};
@@ -413,6 +420,301 @@ fn vae_ldm_key(name: &str, levels: usize) -> String {
     mapped.unwrap_or_else(|| name.to_string())
 }
 
+/// A text encoder of a single-file checkpoint, named after its diffusers pipeline component.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextEncoderSlot {
+    /// `text_encoder`: CLIP ViT-L (SD1.x, SDXL base) or OpenCLIP ViT-H (SD2.x).
+    TextEncoder,
+    /// `text_encoder_2`: OpenCLIP ViT-bigG (SDXL base and refiner).
+    TextEncoder2,
+}
+
+impl TextEncoderSlot {
+    fn component(self) -> &'static str {
+        match self {
+            Self::TextEncoder => "text_encoder",
+            Self::TextEncoder2 => "text_encoder_2",
+        }
+    }
+}
+
+/// Where a text encoder is stored: under `prefix`, with transformers' names or OpenCLIP's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ClipSource {
+    prefix: &'static str,
+    open_clip: bool,
+}
+
+/// The places diffusers' `create_diffusers_clip_model_from_ldm` looks, per slot.
+const CLIP_SOURCES: [(TextEncoderSlot, ClipSource); 5] = [
+    (TextEncoderSlot::TextEncoder, ClipSource { prefix: "cond_stage_model.transformer.", open_clip: false }),
+    (TextEncoderSlot::TextEncoder, ClipSource { prefix: "conditioner.embedders.0.transformer.", open_clip: false }),
+    (TextEncoderSlot::TextEncoder, ClipSource { prefix: SD2_OPEN_CLIP_PREFIX, open_clip: true }),
+    (TextEncoderSlot::TextEncoder2, ClipSource { prefix: "conditioner.embedders.1.model.", open_clip: true }),
+    (TextEncoderSlot::TextEncoder2, ClipSource { prefix: "conditioner.embedders.0.model.", open_clip: true }),
+];
+
+/// SD2's OpenCLIP ViT-H, whose last layer the diffusers text encoder leaves out.
+const SD2_OPEN_CLIP_PREFIX: &str = "cond_stage_model.model.";
+
+/// How a tensor requested by its transformers name is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Stored {
+    Plain(String),
+    /// Transposed (OpenCLIP's `text_projection`, applied as `x @ P`).
+    Transposed(String),
+    /// Third `chunk` (0: q, 1: k, 2: v) along dim 0 of a fused `in_proj_weight` / `in_proj_bias`.
+    Fused {
+        key: String,
+        chunk: usize,
+    },
+}
+
+impl Stored {
+    fn key(&self) -> &str {
+        match self {
+            Self::Plain(k) | Self::Transposed(k) | Self::Fused { key: k, .. } => k,
+        }
+    }
+
+    /// The stored shape of a tensor of (transformers) shape `dims`.
+    fn stored_dims(&self, dims: &[usize]) -> Vec<usize> {
+        let mut dims = dims.to_vec();
+        match self {
+            Self::Plain(_) => {}
+            Self::Transposed(_) => dims.reverse(),
+            Self::Fused { .. } => dims.iter_mut().take(1).for_each(|d| *d *= 3),
+        }
+        dims
+    }
+
+    /// The transformers shape of a tensor stored with shape `dims` (the inverse of `stored_dims`).
+    fn model_dims(&self, dims: &[usize]) -> Vec<usize> {
+        let mut dims = dims.to_vec();
+        match self {
+            Self::Plain(_) => {}
+            Self::Transposed(_) => dims.reverse(),
+            Self::Fused { .. } => dims.iter_mut().take(1).for_each(|d| *d /= 3),
+        }
+        dims
+    }
+}
+
+/// The OpenCLIP name of a transformers CLIP text-encoder tensor (both without prefix).
+fn open_clip_name(name: &str) -> Stored {
+    let plain = Stored::Plain;
+    match name {
+        "text_model.embeddings.token_embedding.weight" => return plain("token_embedding.weight".into()),
+        "text_model.embeddings.position_embedding.weight" => return plain("positional_embedding".into()),
+        "text_projection.weight" => return Stored::Transposed("text_projection".into()),
+        _ => {}
+    }
+    if let Some(param) = name.strip_prefix("text_model.final_layer_norm.") {
+        return plain(format!("ln_final.{param}"));
+    }
+    let layer = name.strip_prefix("text_model.encoder.layers.").and_then(|rest| {
+        let (index, member) = rest.split_once('.')?;
+        let (module, param) = member.rsplit_once('.')?;
+        let block = format!("transformer.resblocks.{index}.");
+        Some(match module {
+            "self_attn.q_proj" | "self_attn.k_proj" | "self_attn.v_proj" => Stored::Fused {
+                key: format!("{block}attn.in_proj_{param}"),
+                chunk: ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+                    .iter()
+                    .position(|m| *m == module)?,
+            },
+            "self_attn.out_proj" => plain(format!("{block}attn.out_proj.{param}")),
+            "layer_norm1" => plain(format!("{block}ln_1.{param}")),
+            "layer_norm2" => plain(format!("{block}ln_2.{param}")),
+            "mlp.fc1" => plain(format!("{block}mlp.c_fc.{param}")),
+            "mlp.fc2" => plain(format!("{block}mlp.c_proj.{param}")),
+            _ => return None,
+        })
+    });
+    layer.unwrap_or_else(|| plain(name.to_string()))
+}
+
+impl ClipSource {
+    /// Where the transformers tensor `name` is stored in `weights`.
+    fn stored(&self, name: &str, weights: &Weights) -> Stored {
+        if !self.open_clip {
+            return Stored::Plain(clip::stored_key(|k| weights.contains(k), self.prefix, name));
+        }
+        match open_clip_name(name) {
+            Stored::Plain(k) => Stored::Plain(format!("{}{k}", self.prefix)),
+            Stored::Transposed(k) => Stored::Transposed(format!("{}{k}", self.prefix)),
+            Stored::Fused { key, chunk } => Stored::Fused { key: format!("{}{key}", self.prefix), chunk },
+        }
+    }
+
+    /// The transformers shape of the stored tensor `name`, if stored.
+    fn dims(&self, name: &str, weights: &Weights) -> Option<Vec<usize>> {
+        let stored = self.stored(name, weights);
+        weights.shape(stored.key()).map(|dims| stored.model_dims(dims))
+    }
+}
+
+/// A `VarBuilder` backend that maps transformers names to a [`ClipSource`]'s tensors, slicing
+/// fused q/k/v and transposing where needed. Lookups go through a [`Weights`] `VarBuilder`, so
+/// missing keys and wrong shapes are reported under their stored names and shapes (a fused
+/// tensor once, as it is loaded once for its three parts).
+struct ClipBackend {
+    source: ClipSource,
+    weights: Arc<Weights>,
+    inner: VarBuilder<'static>,
+    fused: Mutex<HashMap<String, Tensor>>,
+}
+
+impl ClipBackend {
+    fn fused(&self, key: &str, load: impl FnOnce() -> candle_core::Result<Tensor>) -> candle_core::Result<Tensor> {
+        let mut cache = self.fused.lock().map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?;
+        if let Some(t) = cache.get(key) {
+            return Ok(t.clone());
+        }
+        let t = load()?;
+        cache.insert(key.to_string(), t.clone());
+        Ok(t)
+    }
+}
+
+impl SimpleBackend for ClipBackend {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        init: candle_nn::Init,
+        dtype: DType,
+        _: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let stored = self.source.stored(name, &self.weights);
+        let dims = stored.stored_dims(shape.dims());
+        match &stored {
+            Stored::Plain(key) => self.inner.get_with_hints_dtype(dims, key, init, dtype),
+            Stored::Transposed(key) => self.inner.get_with_hints_dtype(dims, key, init, dtype)?.t()?.contiguous(),
+            Stored::Fused { key, chunk } => {
+                let full = self.fused(key, || self.inner.get_with_hints_dtype(dims, key, init, dtype))?;
+                let n = full.dim(0)? / 3;
+                full.narrow(0, chunk * n, n)
+            }
+        }
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, _: &Device) -> candle_core::Result<Tensor> {
+        let stored = self.source.stored(name, &self.weights);
+        let t = self.inner.get_unchecked_dtype(stored.key(), dtype)?;
+        match stored {
+            Stored::Plain(_) => Ok(t),
+            Stored::Transposed(_) => t.t()?.contiguous(),
+            Stored::Fused { chunk, .. } => t.chunk(3, 0)?.swap_remove(chunk).contiguous(),
+        }
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.weights.contains(self.source.stored(name, &self.weights).key())
+    }
+}
+
+/// Text encoders: detection, configs read off the shapes, loading (the inverse of diffusers'
+/// `convert_ldm_clip_checkpoint` / `convert_open_clip_checkpoint`).
+impl SingleFile {
+    /// The text encoders this checkpoint holds.
+    pub fn text_encoders(&self) -> Vec<TextEncoderSlot> {
+        [TextEncoderSlot::TextEncoder, TextEncoderSlot::TextEncoder2]
+            .into_iter()
+            .filter(|&slot| self.clip_source(slot).is_ok())
+            .collect()
+    }
+
+    fn clip_source(&self, slot: TextEncoderSlot) -> Result<ClipSource> {
+        let sources = CLIP_SOURCES.iter().filter(|(s, _)| *s == slot).map(|&(_, source)| source);
+        sources
+            .clone()
+            .find(|source| source.dims("text_model.embeddings.token_embedding.weight", &self.weights).is_some())
+            .ok_or_else(|| {
+                let prefixes: Vec<_> = sources.map(|s| s.prefix).collect();
+                self.unknown(format!("no {} (no token embedding under {})", slot.component(), prefixes.join(", ")))
+            })
+    }
+
+    /// The transformers config of a text encoder, read off its shapes: 64-wide heads, and the
+    /// activation and token ids of the released models (`quick_gelu` for CLIP-L, `gelu` for
+    /// OpenCLIP; `eos_token_id` 2, pooling at the highest id). SD2's encoder has one layer fewer
+    /// than stored, as in diffusers (SD2 conditions on the penultimate layer).
+    pub fn text_encoder_config(&self, slot: TextEncoderSlot) -> Result<CLIPTextConfig> {
+        let source = self.clip_source(slot)?;
+        let (slot, prefix) = (slot.component(), source.prefix);
+        let dims = |name: &str| {
+            source.dims(name, &self.weights).ok_or_else(|| self.unknown(format!("{slot} under {prefix}: no {name}")))
+        };
+        let token = dims("text_model.embeddings.token_embedding.weight")?;
+        let positions = dims("text_model.embeddings.position_embedding.weight")?;
+        let stored_layers = (0..)
+            .take_while(|i| {
+                source.dims(&format!("text_model.encoder.layers.{i}.layer_norm1.weight"), &self.weights).is_some()
+            })
+            .count();
+        let drop_last = usize::from(source.prefix == SD2_OPEN_CLIP_PREFIX);
+        if stored_layers <= drop_last || token.len() != 2 || positions.len() != 2 {
+            return Err(self.unknown(format!("{slot} under {prefix}: no encoder layers")));
+        }
+        let hidden_size = token[1];
+        let projection_dim = source.dims("text_projection.weight", &self.weights).map_or(hidden_size, |d| d[0]);
+        Ok(CLIPTextConfig {
+            vocab_size: token[0],
+            hidden_size,
+            intermediate_size: dims("text_model.encoder.layers.0.mlp.fc1.weight")?[0],
+            projection_dim: Some(projection_dim),
+            num_hidden_layers: stored_layers - drop_last,
+            num_attention_heads: (hidden_size / 64).max(1),
+            max_position_embeddings: positions[0],
+            hidden_act: if source.open_clip { "gelu" } else { "quick_gelu" }.into(),
+            layer_norm_eps: 1e-5,
+            bos_token_id: Some(0),
+            eos_token_id: Some(2),
+            pad_token_id: Some(1),
+        })
+    }
+
+    /// Builds a text encoder with `config` (from [`SingleFile::text_encoder_config`] or your own).
+    pub fn load_text_encoder(
+        &self,
+        slot: TextEncoderSlot,
+        config: &CLIPTextConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<CLIPTextModel> {
+        self.build_text_encoder(slot, config, dtype, device, CLIPTextModel::new)
+    }
+
+    /// Builds a text encoder and its `text_projection` (SDXL's `text_encoder_2`).
+    pub fn load_text_encoder_with_projection(
+        &self,
+        slot: TextEncoderSlot,
+        config: &CLIPTextConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<CLIPTextModelWithProjection> {
+        self.build_text_encoder(slot, config, dtype, device, CLIPTextModelWithProjection::new)
+    }
+
+    fn build_text_encoder<M>(
+        &self,
+        slot: TextEncoderSlot,
+        config: &CLIPTextConfig,
+        dtype: DType,
+        device: &Device,
+        new: impl FnOnce(VarBuilder, &CLIPTextConfig) -> Result<M>,
+    ) -> Result<M> {
+        config.validate().map_err(|(f, m)| DiffusionError::config(self.weights.path(), f, m))?;
+        let source = self.clip_source(slot)?;
+        let (inner, report) = self.weights.var_builder(str::to_string, dtype, device);
+        let backend = ClipBackend { source, weights: self.weights.clone(), inner, fused: Mutex::new(HashMap::new()) };
+        let model = new(VarBuilder::from_backend(Box::new(backend), dtype, device.clone()), config)?;
+        self.weights.check(&report)?;
+        Ok(model)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -458,6 +760,34 @@ mod tests {
         ];
         for (diffusers, ldm) in cases {
             assert_eq!(vae_ldm_key(diffusers, 4), ldm, "{diffusers}");
+        }
+    }
+
+    #[test]
+    fn clip_keys_map_to_open_clip_names() {
+        let plain = |k: &str| Stored::Plain(k.to_string());
+        let cases = [
+            ("text_model.embeddings.position_embedding.weight", plain("positional_embedding")),
+            ("text_model.final_layer_norm.bias", plain("ln_final.bias")),
+            ("text_projection.weight", Stored::Transposed("text_projection".into())),
+            (
+                "text_model.encoder.layers.11.self_attn.k_proj.weight",
+                Stored::Fused { key: "transformer.resblocks.11.attn.in_proj_weight".into(), chunk: 1 },
+            ),
+            (
+                "text_model.encoder.layers.0.self_attn.v_proj.bias",
+                Stored::Fused { key: "transformer.resblocks.0.attn.in_proj_bias".into(), chunk: 2 },
+            ),
+            (
+                "text_model.encoder.layers.3.self_attn.out_proj.bias",
+                plain("transformer.resblocks.3.attn.out_proj.bias"),
+            ),
+            ("text_model.encoder.layers.2.layer_norm2.weight", plain("transformer.resblocks.2.ln_2.weight")),
+            ("text_model.encoder.layers.0.mlp.fc1.weight", plain("transformer.resblocks.0.mlp.c_fc.weight")),
+            ("text_model.encoder.layers.0.mlp.fc2.bias", plain("transformer.resblocks.0.mlp.c_proj.bias")),
+        ];
+        for (hf, open_clip) in cases {
+            assert_eq!(open_clip_name(hf), open_clip, "{hf}");
         }
     }
 }

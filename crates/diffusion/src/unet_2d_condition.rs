@@ -251,16 +251,16 @@ impl UNet2DConditionModelConfig {
         if self.conv_in_kernel.is_multiple_of(2) || self.conv_out_kernel.is_multiple_of(2) {
             return Err(("conv_in_kernel", "kernels must be odd".into()));
         }
-        match self.addition_embed_type.as_deref() {
-            None => {}
-            Some("text_time")
-                if (self.addition_time_embed_dim.is_none() || self.projection_class_embeddings_input_dim.is_none()) => {
-                    return Err((
-                        "addition_time_embed_dim",
-                        "text_time needs addition_time_embed_dim and projection_class_embeddings_input_dim".into(),
-                    ));
-                }
-            Some(t) => return unsupported("addition_embed_type", &t),
+        if let Some(t) = self.addition_embed_type.as_deref() {
+            if t != "text_time" {
+                return unsupported("addition_embed_type", &t);
+            }
+            if self.addition_time_embed_dim.is_none() || self.projection_class_embeddings_input_dim.is_none() {
+                return Err((
+                    "addition_time_embed_dim",
+                    "text_time needs addition_time_embed_dim and projection_class_embeddings_input_dim".into(),
+                ));
+            }
         }
         for (field, v) in
             [("time_embedding_act_fn", &self.time_embedding_act_fn), ("timestep_post_act", &self.timestep_post_act)]

@@ -2,10 +2,11 @@
 //! tiled encode/decode that keeps large images in bounded memory.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::attention::Attention;
+use crate::cpu::norm::GroupNorm;
 use crate::error::{DiffusionError, Result};
 use crate::layers::{Activation, Conv2d};
 use crate::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, TimeEmbeddingNorm, Upsample2D};
@@ -106,7 +107,7 @@ struct SpatialSelfAttention {
 impl SpatialSelfAttention {
     fn new(vb: VarBuilder, channels: usize, groups: usize) -> candle_core::Result<Self> {
         Ok(Self {
-            group_norm: candle_nn::group_norm(groups, channels, 1e-6, vb.pp("group_norm"))?,
+            group_norm: GroupNorm::new(vb.pp("group_norm"), groups, channels, 1e-6)?,
             attention: Attention::new(vb, channels, channels, 1, channels, true, true)?,
         })
     }
@@ -184,7 +185,7 @@ impl Encoder {
             conv_in: Conv2d::new(vb.pp("conv_in"), cfg.in_channels, ch[0], 3, 1, 1)?,
             down_blocks,
             mid_block: VaeMidBlock::new(vb.pp("mid_block"), cfg, last)?,
-            conv_norm_out: candle_nn::group_norm(cfg.norm_num_groups, last, 1e-6, vb.pp("conv_norm_out"))?,
+            conv_norm_out: GroupNorm::new(vb.pp("conv_norm_out"), cfg.norm_num_groups, last, 1e-6)?,
             conv_out: Conv2d::new(vb.pp("conv_out"), last, 2 * cfg.latent_channels, 3, 1, 1)?,
             act: cfg.resnet(1, 1).act,
         })
@@ -203,7 +204,7 @@ impl Module for Encoder {
             }
         }
         let x = self.mid_block.forward(&x)?;
-        self.conv_out.forward(&self.act.forward(&self.conv_norm_out.forward(&x)?)?)
+        self.conv_out.forward(&self.conv_norm_out.forward_act(&x, Some(self.act))?)
     }
 }
 
@@ -238,7 +239,7 @@ impl Decoder {
             conv_in: Conv2d::new(vb.pp("conv_in"), cfg.latent_channels, ch[n - 1], 3, 1, 1)?,
             mid_block: VaeMidBlock::new(vb.pp("mid_block"), cfg, ch[n - 1])?,
             up_blocks,
-            conv_norm_out: candle_nn::group_norm(cfg.norm_num_groups, ch[0], 1e-6, vb.pp("conv_norm_out"))?,
+            conv_norm_out: GroupNorm::new(vb.pp("conv_norm_out"), cfg.norm_num_groups, ch[0], 1e-6)?,
             conv_out: Conv2d::new(vb.pp("conv_out"), ch[0], cfg.out_channels, 3, 1, 1)?,
             act: cfg.resnet(1, 1).act,
         })
@@ -256,7 +257,7 @@ impl Module for Decoder {
                 x = up.forward(&x, None)?;
             }
         }
-        self.conv_out.forward(&self.act.forward(&self.conv_norm_out.forward(&x)?)?)
+        self.conv_out.forward(&self.conv_norm_out.forward_act(&x, Some(self.act))?)
     }
 }
 

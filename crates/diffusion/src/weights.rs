@@ -168,11 +168,10 @@ impl SimpleBackend for Backend {
             problems.missing.push(key);
             return Tensor::zeros(shape, dtype, dev);
         };
-        if found != shape.dims()
-            && !same_but_unit_dims(found, shape.dims()) {
-                problems.mismatched.push(ShapeMismatch { key, expected: shape.dims().to_vec(), found: found.to_vec() });
-                return Tensor::zeros(shape, dtype, dev);
-            }
+        if found != shape.dims() && !same_but_unit_dims(found, shape.dims()) {
+            problems.mismatched.push(ShapeMismatch { key, expected: shape.dims().to_vec(), found: found.to_vec() });
+            return Tensor::zeros(shape, dtype, dev);
+        }
         drop(problems);
         let tensor = self.weights.load(&key, dev).map_err(candle_core::Error::wrap)?;
         tensor.reshape(shape)?.to_dtype(dtype)
@@ -185,5 +184,35 @@ impl SimpleBackend for Backend {
 
     fn contains_tensor(&self, name: &str) -> bool {
         self.weights.contains(&(self.rename)(name))
+    }
+}
+
+/// A `VarBuilder` that makes up weights of the right shapes (normal, std `1/√fan_in`), for
+/// benchmarks and smoke tests of full-size configs without a checkpoint.
+pub fn random_var_builder(dtype: DType, device: &Device) -> VarBuilder<'static> {
+    VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone())
+}
+
+struct RandomWeights;
+
+impl SimpleBackend for RandomWeights {
+    fn get(
+        &self,
+        shape: Shape,
+        _: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let fan_in = shape.dims().iter().skip(1).product::<usize>().max(1);
+        Tensor::randn(0f32, (1.0 / fan_in as f64).sqrt() as f32, shape, dev)?.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("random weights have no shape for {name}")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
     }
 }

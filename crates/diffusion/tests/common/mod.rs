@@ -23,9 +23,13 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     d.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
 
+pub fn max_abs(t: &Tensor) -> f32 {
+    t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
 pub fn assert_close(name: &str, ours: &Tensor, reference: &Tensor, tol: f32) {
     let err = max_abs_diff(ours, reference);
-    let scale = reference.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let scale = max_abs(reference);
     assert!(err <= tol, "{name}: max abs error {err:e} > {tol:e} (reference max |x| {scale})");
     assert!(scale > 10.0 * tol, "{name}: reference is too small to be a meaningful check");
 }

@@ -1,0 +1,156 @@
+//! Group normalisation with an optional fused SiLU: one pass for the statistics and one for
+//! `act(x · scale_c + shift_c)` per channel, in parallel over (image, group). candle's
+//! `GroupNorm` takes about six passes (reshape, mean, subtract, square, mean, divide, then the
+//! affine and the activation as separate tensors).
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
+use candle_nn::VarBuilder;
+use rayon::prelude::*;
+
+use super::simd::{multiversion, silu};
+use super::{f32_data, inference, profile};
+use crate::layers::Activation;
+
+/// diffusers `nn.GroupNorm` (affine): loads `weight` and `bias` `[channels]` like
+/// `candle_nn::group_norm`, and can apply the following activation in the same pass.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    pub fn new(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> Result<Self> {
+        if groups == 0 || !channels.is_multiple_of(groups) {
+            candle_core::bail!("GroupNorm: {groups} groups do not divide {channels} channels")
+        }
+        let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.))?;
+        let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.))?;
+        Ok(Self { weight, bias, groups, eps })
+    }
+
+    /// `act(group_norm(x))` (`act: None`: the norm alone); `x` is `[B, C, …]`.
+    pub fn forward_act(&self, x: &Tensor, act: Option<Activation>) -> Result<Tensor> {
+        let silu = act == Some(Activation::Silu);
+        let _p = profile::scope(if silu { "group_norm+silu" } else { "group_norm" });
+        let channels = self.weight.dim(0)?;
+        if inference(&[x, &self.weight, &self.bias])
+            && [x.dtype(), self.weight.dtype(), self.bias.dtype()] == [DType::F32; 3]
+            && x.rank() >= 3
+            && x.dim(1)? == channels
+            && (act.is_none() || silu)
+        {
+            let op = GroupNormOp { groups: self.groups, eps: self.eps, silu };
+            return x.contiguous()?.apply_op3_no_bwd(&self.weight, &self.bias, &op);
+        }
+        let gn = candle_nn::GroupNorm::new(self.weight.clone(), self.bias.clone(), channels, self.groups, self.eps)?;
+        let y = gn.forward(x)?;
+        match act {
+            Some(act) => act.forward(&y),
+            None => Ok(y),
+        }
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act(x, None)
+    }
+}
+
+/// The kernel as a candle op on `(x [B, C, …], weight [C], bias [C])`, contiguous f32.
+#[derive(Debug, Clone, Copy)]
+pub struct GroupNormOp {
+    pub groups: usize,
+    pub eps: f64,
+    /// Apply SiLU to the result.
+    pub silu: bool,
+}
+
+impl CustomOp3 for GroupNormOp {
+    fn name(&self) -> &'static str {
+        "easyphoto-group-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = xl.dims();
+        let (b, c) = (dims[0], dims[1]);
+        let spatial: usize = dims[2..].iter().product();
+        let (x, w, bias) = (f32_data(xs, xl)?, f32_data(ws, wl)?, f32_data(bs, bl)?);
+        if w.len() != c || bias.len() != c || !c.is_multiple_of(self.groups) {
+            candle_core::bail!("group norm: input {dims:?}, weight {:?}, {} groups", wl.dims(), self.groups)
+        }
+        let cg = c / self.groups;
+        let mut out = vec![0f32; x.len()];
+        if !out.is_empty() {
+            out.par_chunks_mut(cg * spatial).zip(x.par_chunks(cg * spatial)).enumerate().for_each(|(i, (dst, src))| {
+                let c0 = (i % self.groups) * cg;
+                group(src, dst, &w[c0..c0 + cg], &bias[c0..c0 + cg], spatial, self.eps as f32, self.silu);
+            });
+        }
+        let _ = b;
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+}
+
+multiversion! {
+    /// Normalises one group (`w.len()` channels of `spatial` values each).
+    fn group(src: &[f32], dst: &mut [f32], w: &[f32], b: &[f32], spatial: usize, eps: f32, act: bool) {
+        let n = src.len() as f64;
+        let mean = (sum(src) / n) as f32;
+        let var = sum_sq_dev(src, mean) / n;
+        let rstd = 1.0 / (var as f32 + eps).sqrt();
+        for ((s, d), (&wc, &bc)) in src.chunks_exact(spatial).zip(dst.chunks_exact_mut(spatial)).zip(w.iter().zip(b)) {
+            let scale = wc * rstd;
+            let shift = bc - mean * scale;
+            if act {
+                for (d, &v) in d.iter_mut().zip(s) {
+                    *d = silu(v * scale + shift);
+                }
+            } else {
+                for (d, &v) in d.iter_mut().zip(s) {
+                    *d = v * scale + shift;
+                }
+            }
+        }
+    }
+}
+
+/// `Σ x`: 16 f32 lanes per 4096-value block, blocks added in f64.
+#[inline(always)]
+fn sum(x: &[f32]) -> f64 {
+    blocked_sum(x, |v| v)
+}
+
+/// `Σ (x - mean)²`, summed like [`sum`].
+#[inline(always)]
+fn sum_sq_dev(x: &[f32], mean: f32) -> f64 {
+    blocked_sum(x, |v| (v - mean) * (v - mean))
+}
+
+#[inline(always)]
+fn blocked_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+    let mut total = 0f64;
+    for block in x.chunks(4096) {
+        let mut acc = [0f32; 16];
+        let chunks = block.chunks_exact(16);
+        total += chunks.remainder().iter().map(|&v| f(v) as f64).sum::<f64>();
+        for c in chunks {
+            for (a, &v) in acc.iter_mut().zip(c) {
+                *a += f(v);
+            }
+        }
+        total += acc.iter().map(|&a| a as f64).sum::<f64>();
+    }
+    total
+}

@@ -1,0 +1,154 @@
+//! Prompt text to UNet conditioning, as the AUTOMATIC1111 WebUI (which EasyPhoto drives) does it:
+//! comments and `<lora:…>` tags removed, 77-token chunks each encoded on its own, emphasis applied
+//! per chunk, chunks concatenated, the negative prompt padded to as many chunks; SD1 clip-skip,
+//! and SDXL's two encoders (penultimate states concatenated, pooled output of the first chunk).
+
+use candle_core::Tensor;
+
+use crate::clip::{CLIPTextModel, CLIPTextModelWithProjection};
+use crate::error::{DiffusionError, Result};
+use crate::prompt::{
+    ExtraNetwork, PromptChunk, apply_emphasis, pad_to_same_length, parse_extra_networks, prompt_chunks, strip_comments,
+};
+use crate::sampling::TextConditioning;
+use crate::tokenizer::ClipTokenizer;
+
+/// Which hidden states of an encoder condition the UNet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layer {
+    /// The states `skip` layers from the end (1: the last), passed through the final layer norm
+    /// (SD1.x with A1111's "clip skip"; SD2.x's encoders already end at the penultimate layer).
+    Normed { skip: usize },
+    /// The penultimate layer's states without the final norm (SDXL).
+    Penultimate,
+}
+
+/// A text encoder, with or without the projection that gives SDXL's pooled embedding.
+#[derive(Debug, Clone)]
+pub enum Encoder {
+    Plain(CLIPTextModel),
+    Projected(CLIPTextModelWithProjection),
+}
+
+impl Encoder {
+    fn text_model(&self) -> &CLIPTextModel {
+        match self {
+            Self::Plain(m) => m,
+            Self::Projected(m) => m.text_model(),
+        }
+    }
+}
+
+/// One encoder with its tokenizer and the layer it contributes.
+#[derive(Debug, Clone)]
+pub struct PromptEncoder {
+    pub tokenizer: ClipTokenizer,
+    pub encoder: Encoder,
+    pub layer: Layer,
+}
+
+/// The encoders of one model family: one for SD1.x/SD2.x, CLIP-L then bigG (projected) for SDXL.
+#[derive(Debug, Clone)]
+pub struct TextEncoders {
+    encoders: Vec<PromptEncoder>,
+}
+
+/// A prompt's encoder states `[1, 77·chunks, D]` and, for SDXL, the pooled embedding `[1, P]`.
+#[derive(Debug, Clone)]
+pub struct EncodedPrompt {
+    pub states: Tensor,
+    pub pooled: Option<Tensor>,
+}
+
+impl TextEncoders {
+    /// Encoders in the order their states are concatenated.
+    pub fn new(encoders: Vec<PromptEncoder>) -> Result<Self> {
+        if encoders.is_empty() {
+            return Err(DiffusionError::input("encoders", "at least one text encoder is needed".to_string()));
+        }
+        Ok(Self { encoders })
+    }
+
+    /// The conditioning of `prompt` against `negative_prompt`, and the extra networks
+    /// (`<lora:name:weight>` …) the prompt names.
+    pub fn conditioning(&self, prompt: &str, negative_prompt: &str) -> Result<(TextConditioning, Vec<ExtraNetwork>)> {
+        let (prompt, networks) = parse_extra_networks(&strip_comments(prompt))?;
+        let negative = strip_comments(negative_prompt);
+        let (mut pos, mut neg) = (vec![], vec![]);
+        for e in &self.encoders {
+            let mut p = prompt_chunks(&e.tokenizer, &prompt)?;
+            let mut n = prompt_chunks(&e.tokenizer, &negative)?;
+            pad_to_same_length(&mut p, &mut n, &e.tokenizer);
+            pos.push(p);
+            neg.push(n);
+        }
+        // Chunk boundaries depend on token ids only; encoders differ only in padding, so their
+        // chunk counts agree, but guard against tokenizers that disagree.
+        let count = pos[0].len();
+        if pos.iter().chain(&neg).any(|c| c.len() != count) {
+            return Err(DiffusionError::input("prompt", "the tokenizers split the prompt differently".to_string()));
+        }
+        let positive = self.encode_chunks(&pos)?;
+        let negative = self.encode_chunks(&neg)?;
+        let pooled = positive.pooled.clone().zip(negative.pooled.clone());
+        let text = TextConditioning {
+            prompt_embeds: positive.states,
+            negative_prompt_embeds: negative.states,
+            pooled,
+            micro: None,
+        };
+        Ok((text, networks))
+    }
+
+    /// Encodes one prompt (already free of comments and tags).
+    pub fn encode(&self, prompt: &str) -> Result<EncodedPrompt> {
+        let chunks = self.encoders.iter().map(|e| prompt_chunks(&e.tokenizer, prompt)).collect::<Result<Vec<_>>>()?;
+        self.encode_chunks(&chunks)
+    }
+
+    /// `chunks[e]` are encoder `e`'s chunks of one prompt.
+    fn encode_chunks(&self, chunks: &[Vec<PromptChunk>]) -> Result<EncodedPrompt> {
+        let mut per_chunk = vec![];
+        let mut pooled = None;
+        for c in 0..chunks[0].len() {
+            let mut parts = vec![];
+            for (e, encoder_chunks) in self.encoders.iter().zip(chunks) {
+                let chunk = &encoder_chunks[c];
+                let device = e.encoder.text_model().device().clone();
+                let ids = Tensor::new(chunk.ids.as_slice(), &device)?.unsqueeze(0)?;
+                let (states, chunk_pooled) = e.states(&ids)?;
+                if c == 0 && chunk_pooled.is_some() {
+                    pooled = chunk_pooled;
+                }
+                let multipliers = Tensor::new(chunk.multipliers.as_slice(), &device)?.unsqueeze(0)?;
+                parts.push(apply_emphasis(&states, &multipliers)?);
+            }
+            per_chunk.push(Tensor::cat(&parts, 2)?);
+        }
+        Ok(EncodedPrompt { states: Tensor::cat(&per_chunk, 1)?, pooled })
+    }
+}
+
+impl PromptEncoder {
+    /// The conditioning states of one chunk `[1, 77]`, and the pooled embedding for projected
+    /// encoders.
+    fn states(&self, ids: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        let model = self.encoder.text_model();
+        let layers = model.config().num_hidden_layers;
+        let pooled = match &self.encoder {
+            Encoder::Projected(m) => Some(m.forward(ids)?.text_embeds),
+            Encoder::Plain(_) => None,
+        };
+        let states = match self.layer {
+            Layer::Normed { skip: 0 } => {
+                return Err(DiffusionError::input("clip_skip", "must be at least 1".to_string()));
+            }
+            Layer::Normed { skip } if skip > layers => {
+                return Err(DiffusionError::input("clip_skip", format!("{skip} > {layers} layers")));
+            }
+            Layer::Normed { skip } => model.final_layer_norm(&model.hidden_state(ids, layers + 1 - skip)?)?,
+            Layer::Penultimate => model.hidden_state(ids, layers.saturating_sub(1))?,
+        };
+        Ok((states, pooled))
+    }
+}

@@ -1,0 +1,179 @@
+//! The CPU kernels (`easyphoto_diffusion::cpu`) against the plain candle compositions they
+//! replace, on random inputs of awkward shapes; and the fallbacks when gradients are tracked.
+
+use candle_core::{D, DType, Device, Module, Tensor, Var};
+use easyphoto_diffusion::cpu;
+
+fn randn(shape: &[usize], seed: u64) -> Tensor {
+    // Deterministic, without depending on candle's global RNG.
+    let n: usize = shape.iter().product();
+    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let data: Vec<f32> = (0..n)
+        .map(|_| {
+            // Sum of 4 uniforms, centred and scaled: close enough to normal for these tests.
+            let mut s = 0f32;
+            for _ in 0..4 {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s += (state >> 40) as f32 / (1u64 << 24) as f32;
+            }
+            (s - 2.0) * 1.73
+        })
+        .collect();
+    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+}
+
+/// max |a - b| / max |b|.
+fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    let diff = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    diff / scale.max(1e-30)
+}
+
+fn conv_case(x: &[usize], cout: usize, k: usize, stride: usize, padding: usize, bias: bool) {
+    let (xt, w, b) = (randn(x, 1), randn(&[cout, x[1], k, k], 2), randn(&[cout], 3));
+    let cfg = candle_nn::Conv2dConfig { padding, stride, ..Default::default() };
+    let got = cpu::conv::conv2d(&xt, &w, bias.then_some(&b), &cfg).unwrap().expect("kernel applies");
+    let mut want = xt.conv2d(&w, padding, stride, 1, 1).unwrap();
+    if bias {
+        want = want.broadcast_add(&b.reshape((1, cout, 1, 1)).unwrap()).unwrap();
+    }
+    let err = rel_err(&got, &want);
+    assert!(err < 1e-5, "conv {x:?} -> {cout}, k{k} s{stride} p{padding}: rel err {err}");
+}
+
+#[test]
+fn conv2d_matches_candle() {
+    // Large maps (tiled per image), odd sizes, both paddings, stride 2.
+    conv_case(&[2, 5, 37, 29], 7, 3, 1, 1, true);
+    conv_case(&[1, 3, 40, 33], 16, 3, 1, 1, true);
+    conv_case(&[2, 6, 41, 35], 9, 3, 2, 1, true);
+    conv_case(&[1, 6, 41, 36], 9, 3, 2, 0, false);
+    conv_case(&[2, 4, 33, 35], 5, 1, 1, 0, true);
+    // Small maps (batch side by side, output channels split).
+    conv_case(&[2, 20, 8, 8], 40, 3, 1, 1, true);
+    conv_case(&[3, 20, 9, 7], 300, 3, 1, 1, true);
+    conv_case(&[2, 20, 9, 7], 33, 1, 1, 0, true);
+    conv_case(&[1, 20, 9, 7], 33, 1, 1, 0, false);
+    conv_case(&[2, 12, 16, 16], 24, 3, 2, 1, true);
+    // 1×1 with padding or stride goes through im2col.
+    conv_case(&[2, 4, 10, 10], 6, 1, 2, 0, true);
+    conv_case(&[1, 4, 10, 10], 6, 1, 1, 1, true);
+}
+
+#[test]
+fn conv2d_layer_matches_with_kernels_off() {
+    // The model wrapper: same result whichever path runs.
+    let weights = [("weight".to_string(), randn(&[12, 8, 3, 3], 4)), ("bias".to_string(), randn(&[12], 5))];
+    let vb = candle_nn::VarBuilder::from_tensors(weights.into_iter().collect(), DType::F32, &Device::Cpu);
+    let conv = easyphoto_diffusion::layers::Conv2d::new(vb, 8, 12, 3, 1, 1).unwrap();
+    let x = randn(&[2, 8, 20, 20], 6);
+    let fast = conv.forward(&x).unwrap();
+    let plain = x.conv2d(conv.weight(), 1, 1, 1, 1).unwrap();
+    let plain = plain.broadcast_add(&randn(&[12], 5).reshape((1, 12, 1, 1)).unwrap()).unwrap();
+    assert!(rel_err(&fast, &plain) < 1e-5);
+}
+
+fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Tensor {
+    let s = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
+    candle_nn::ops::softmax(&s, D::Minus1).unwrap().matmul(v).unwrap()
+}
+
+fn attention_case(b: usize, h: usize, n: usize, m: usize, d: usize, amp: f64) {
+    let q = (randn(&[b, h, n, d], 10) * amp).unwrap();
+    let k = (randn(&[b, h, m, d], 11) * amp).unwrap();
+    let v = randn(&[b, h, m, d], 12);
+    let scale = (d as f64).powf(-0.5);
+    let Some(got) = cpu::attention::attention(&q, &k, &v, scale).unwrap() else {
+        eprintln!("attention kernel unavailable on this CPU (no AVX-512); skipped");
+        return;
+    };
+    let want = attention_reference(&q, &k, &v, scale);
+    let err = rel_err(&got.contiguous().unwrap(), &want);
+    eprintln!("attention b{b} h{h} n{n} m{m} d{d} amp {amp}: rel err {err:.2e}");
+    assert!(err < 1e-5, "attention b{b} h{h} n{n} m{m} d{d} amp {amp}: rel err {err}");
+}
+
+#[test]
+fn attention_matches_composition() {
+    // Self-attention, N not a multiple of any block; head dims of SD1.5/SD2/SDXL and the VAE.
+    attention_case(2, 3, 100, 100, 40, 1.0);
+    attention_case(1, 2, 300, 300, 64, 1.0);
+    attention_case(1, 2, 257, 257, 80, 1.0);
+    attention_case(1, 1, 130, 130, 160, 1.0);
+    attention_case(1, 1, 70, 70, 512, 0.3);
+    // Cross-attention with 77 keys; a single query; sharp softmax (large logits).
+    attention_case(2, 4, 129, 77, 40, 1.0);
+    attention_case(1, 2, 65, 77, 64, 3.0);
+    attention_case(1, 1, 1, 77, 40, 1.0);
+    attention_case(1, 1, 9, 1, 8, 1.0);
+    attention_case(1, 2, 33, 45, 24, 2.0);
+}
+
+#[test]
+fn attention_reads_strided_inputs() {
+    // [B, N, H, d] memory seen as [B, H, N, d] (what splitting heads without a copy gives).
+    let (b, h, n, d) = (2, 3, 70, 40);
+    let q = randn(&[b, n, h, d], 20).transpose(1, 2).unwrap();
+    let k = randn(&[b, n, h, d], 21).transpose(1, 2).unwrap();
+    let v = randn(&[b, n, h, d], 22).transpose(1, 2).unwrap();
+    let Some(got) = cpu::attention::attention(&q, &k, &v, 0.2).unwrap() else { return };
+    let want = attention_reference(&q.contiguous().unwrap(), &k.contiguous().unwrap(), &v.contiguous().unwrap(), 0.2);
+    assert!(rel_err(&got.contiguous().unwrap(), &want) < 1e-5);
+}
+
+fn group_norm_case(shape: &[usize], groups: usize, silu: bool) {
+    let c = shape[1];
+    let x = randn(shape, 30).affine(3.0, 1.5).unwrap();
+    let (w, b) = (randn(&[c], 31), randn(&[c], 32));
+    let weights = [("weight".to_string(), w.clone()), ("bias".to_string(), b.clone())];
+    let vb = candle_nn::VarBuilder::from_tensors(weights.into_iter().collect(), DType::F32, &Device::Cpu);
+    let gn = cpu::norm::GroupNorm::new(vb, groups, c, 1e-6).unwrap();
+    let act = silu.then_some(easyphoto_diffusion::layers::Activation::Silu);
+    let got = gn.forward_act(&x, act).unwrap();
+    let mut want = candle_nn::GroupNorm::new(w, b, c, groups, 1e-6).unwrap().forward(&x).unwrap();
+    if silu {
+        want = want.silu().unwrap();
+    }
+    let err = rel_err(&got, &want);
+    assert!(err < 1e-5, "group norm {shape:?} / {groups}, silu {silu}: rel err {err}");
+}
+
+#[test]
+fn group_norm_matches_candle() {
+    group_norm_case(&[2, 64, 9, 7], 32, false);
+    group_norm_case(&[2, 64, 9, 7], 32, true);
+    group_norm_case(&[1, 12, 33, 17], 4, true);
+    group_norm_case(&[3, 6, 5], 3, false);
+}
+
+#[test]
+fn geglu_matches_composition() {
+    let h = randn(&[2, 37, 2 * 72], 40);
+    let got = cpu::geglu::geglu(&h).unwrap();
+    let (x, gate) = (h.narrow(D::Minus1, 0, 72).unwrap(), h.narrow(D::Minus1, 72, 72).unwrap());
+    let want = (x * gate.gelu_erf().unwrap()).unwrap();
+    let err = rel_err(&got, &want);
+    assert!(err < 1e-5, "geglu rel err {err}");
+}
+
+#[test]
+fn tracked_inputs_fall_back_and_keep_their_gradients() {
+    // With a tracked input every dispatcher must use the differentiable composition.
+    let x = Var::from_tensor(&randn(&[1, 4, 6, 6], 50)).unwrap();
+    let w = randn(&[4, 4, 3, 3], 51);
+    let cfg = candle_nn::Conv2dConfig { padding: 1, ..Default::default() };
+    assert!(cpu::conv::conv2d(x.as_tensor(), &w, None, &cfg).unwrap().is_none());
+    let q = Var::from_tensor(&randn(&[1, 1, 5, 8], 52)).unwrap();
+    assert!(cpu::attention::attention(q.as_tensor(), &q, &q, 0.3).unwrap().is_none());
+
+    let weights = [("weight".to_string(), randn(&[4], 53)), ("bias".to_string(), randn(&[4], 54))];
+    let vb = candle_nn::VarBuilder::from_tensors(weights.into_iter().collect(), DType::F32, &Device::Cpu);
+    let gn = cpu::norm::GroupNorm::new(vb, 2, 4, 1e-6).unwrap();
+    let y = gn.forward_act(x.as_tensor(), Some(easyphoto_diffusion::layers::Activation::Silu)).unwrap();
+    let h = Var::from_tensor(&randn(&[3, 8], 55)).unwrap();
+    let loss = (y.sum_all().unwrap() + cpu::geglu::geglu(h.as_tensor()).unwrap().sum_all().unwrap()).unwrap();
+    let grads = loss.backward().unwrap();
+    assert!(grads.get(x.as_tensor()).is_some());
+    assert!(grads.get(h.as_tensor()).is_some());
+}
