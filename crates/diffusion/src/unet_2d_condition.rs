@@ -431,6 +431,11 @@ impl UNet2DConditionModel {
         &self.config
     }
 
+    /// The device the weights live on.
+    pub fn device(&self) -> &candle_core::Device {
+        self.conv_in.weight().device()
+    }
+
     /// Predicts the noise (or v, or x₀) for `sample` `[B, C, H, W]` at `timesteps` (`[B]`, one
     /// per sample, or `[1]` / a scalar for the whole batch) given `encoder_hidden_states`
     /// `[B, L, D]`.

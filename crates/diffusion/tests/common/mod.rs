@@ -42,9 +42,13 @@ pub fn ldm_tensors(model: &str) -> HashMap<String, Tensor> {
     let mut folders: HashMap<String, HashMap<String, Tensor>> = HashMap::new();
     let mut out = HashMap::new();
     for (ldm_key, folder, key, shape) in entries {
-        let tensors = folders
-            .entry(folder.clone())
-            .or_insert_with(|| io(&format!("{folder}/diffusion_pytorch_model.safetensors")));
+        let tensors = folders.entry(folder.clone()).or_insert_with(|| {
+            let file = ["diffusion_pytorch_model.safetensors", "model.safetensors"]
+                .into_iter()
+                .find(|f| fixtures().join(&folder).join(f).exists())
+                .unwrap_or_else(|| panic!("{folder}: no weights"));
+            io(&format!("{folder}/{file}"))
+        });
         let t = tensors.get(&key).unwrap_or_else(|| panic!("{folder}: no {key}"));
         out.insert(ldm_key, t.reshape(shape).unwrap());
     }
