@@ -179,7 +179,7 @@ pub fn denoise(
 /// Returns (binary mask, latent mask).
 pub fn prepare_mask(mask: &Tensor, factor: usize) -> Result<(Tensor, Tensor)> {
     let (_, _, h, w) = mask.dims4()?;
-    if factor == 0 || h % factor != 0 || w % factor != 0 {
+    if factor == 0 || !h.is_multiple_of(factor) || !w.is_multiple_of(factor) {
         return Err(DiffusionError::input("mask", format!("size {h}×{w} is not a multiple of {factor}")));
     }
     let binary = mask.ge(0.5)?.to_dtype(mask.dtype())?;

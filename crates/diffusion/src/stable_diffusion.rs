@@ -194,7 +194,8 @@ impl StableDiffusion {
         progress: &mut dyn FnMut(&Progress) -> Flow,
     ) -> Result<(Tensor, Vec<ExtraNetwork>)> {
         let factor = self.vae.config().downscale_factor() * (1 << (self.unet.config().block_out_channels.len() - 1));
-        if request.width % factor != 0 || request.height % factor != 0 || request.width == 0 || request.height == 0 {
+        let fits = |v: usize| v > 0 && v.is_multiple_of(factor);
+        if !fits(request.width) || !fits(request.height) {
             return Err(DiffusionError::input(
                 "width",
                 format!("width and height must be positive multiples of {factor}"),

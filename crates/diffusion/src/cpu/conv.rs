@@ -136,6 +136,11 @@ fn conv_f32(x: &[f32], wt: &[f32], bias: &[f32], g: &Geometry) -> Vec<f32> {
     if out.is_empty() {
         return out;
     }
+    if g.kh == 3 && g.kw == 3 && g.s == 1 && hw_o >= SMALL_MAP && winograd_enabled() {
+        let shape = super::winograd::Shape { b: g.b, cin: g.cin, cout: g.cout, h: g.h, w: g.w, p: g.p };
+        super::winograd::conv3x3(x, wt, bias, &shape, &mut out);
+        return out;
+    }
     // A zero-padded copy of the input, so that im2col rows are plain copies.
     let padded;
     let xp: &[f32] = if g.p == 0 {
@@ -150,6 +155,13 @@ fn conv_f32(x: &[f32], wt: &[f32], bias: &[f32], g: &Geometry) -> Vec<f32> {
         conv_batched(xp, wt, bias, g, &mut out);
     }
     out
+}
+
+/// Winograd F(2×2, 3×3) for 3×3 stride-1 convolutions of maps of at least [`SMALL_MAP`] pixels;
+/// `EASYPHOTO_WINOGRAD=0` turns it off (im2col then).
+fn winograd_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("EASYPHOTO_WINOGRAD").map_or(true, |v| v != "0"))
 }
 
 fn pad(x: &[f32], g: &Geometry) -> Vec<f32> {

@@ -19,9 +19,11 @@ pub mod attention;
 pub mod conv;
 pub mod geglu;
 mod gemm;
+pub mod linear;
 pub mod norm;
 pub mod profile;
 mod simd;
+mod winograd;
 
 static OVERRIDE: AtomicU8 = AtomicU8::new(0);
 

@@ -3,9 +3,10 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::schedule::{BetaSchedule, Betas, PredictionType, TimestepSpacing, spaced_timesteps};
+use super::schedule::{BetaSchedule, PredictionType, TimestepSpacing, betas, train_timesteps};
 use super::{
-    NoiseSource, Scheduler, add_noise_alphas, check_steps, div, draw_noise, mul, refuse_flag, train_index, upcast,
+    NoiseSource, Scheduler, add_noise_at_timestep, clip_sample, data_prediction, draw_noise, mul, noise_prediction,
+    refuse_flag, train_index, training_timesteps, upcast,
 };
 use crate::error::{DiffusionError, Result};
 
@@ -66,18 +67,9 @@ pub struct DdimScheduler {
 impl DdimScheduler {
     pub fn new(config: DdimConfig) -> Result<Self> {
         refuse_flag(CLASS, "thresholding", config.thresholding, "dynamic thresholding")?;
-        let alphas_cumprod = Betas {
-            class: CLASS,
-            num_train_timesteps: config.num_train_timesteps,
-            beta_start: config.beta_start,
-            beta_end: config.beta_end,
-            beta_schedule: config.beta_schedule,
-            trained_betas: config.trained_betas.as_deref(),
-            rescale_betas_zero_snr: config.rescale_betas_zero_snr,
-        }
-        .alphas_cumprod()?;
+        let alphas_cumprod = betas!(config).alphas_cumprod()?;
         let final_alpha_cumprod = if config.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] };
-        let timesteps = (0..config.num_train_timesteps).rev().map(|t| t as f64).collect();
+        let timesteps = train_timesteps(config.num_train_timesteps);
         Ok(Self { config, alphas_cumprod, final_alpha_cumprod, timesteps, num_inference_steps: None, eta: 0.0 })
     }
 
@@ -99,25 +91,9 @@ impl DdimScheduler {
 
 impl Scheduler for DdimScheduler {
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
-        check_steps(num_inference_steps)?;
-        let train = self.config.num_train_timesteps;
-        if num_inference_steps > train {
-            return Err(DiffusionError::input(
-                "num_inference_steps",
-                format!("{num_inference_steps} is more than num_train_timesteps {train}"),
-            ));
-        }
-        let spaced = spaced_timesteps(
-            self.config.timestep_spacing,
-            train,
-            train,
-            num_inference_steps,
-            self.config.steps_offset,
-            false,
-        );
-        // numpy's arange can add a -1 under trailing spacing (e.g. 61 steps); diffusers would then
-        // index alphas_cumprod[-1], the last training step. It is dropped here.
-        self.timesteps = spaced.into_iter().map(f64::round_ties_even).filter(|&t| t >= 0.0).collect();
+        let c = &self.config;
+        self.timesteps =
+            training_timesteps(c.timestep_spacing, c.num_train_timesteps, num_inference_steps, c.steps_offset)?;
         self.num_inference_steps = Some(num_inference_steps);
         Ok(())
     }
@@ -126,20 +102,8 @@ impl Scheduler for DdimScheduler {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn order(&self) -> usize {
-        1
-    }
-
     /// DDIM has no step counter: each step is found from its timestep.
     fn set_begin_index(&mut self, _index: usize) {}
-
-    fn scale_model_input(&mut self, sample: &Tensor, _timestep: f64) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
 
     fn step(
         &mut self,
@@ -159,21 +123,10 @@ impl Scheduler for DdimScheduler {
         let beta_prod_t = 1.0 - alpha_prod_t;
         let (mo, x) = (upcast(model_output)?, upcast(sample)?);
 
-        let (mut pred_x0, pred_eps) = match self.config.prediction_type {
-            PredictionType::Epsilon => (div(&(&x - mul(&mo, beta_prod_t.sqrt())?)?, alpha_prod_t.sqrt())?, mo.clone()),
-            PredictionType::Sample => {
-                let eps = div(&(&x - mul(&mo, alpha_prod_t.sqrt())?)?, beta_prod_t.sqrt())?;
-                (mo.clone(), eps)
-            }
-            PredictionType::VPrediction => (
-                (mul(&x, alpha_prod_t.sqrt())? - mul(&mo, beta_prod_t.sqrt())?)?,
-                (mul(&mo, alpha_prod_t.sqrt())? + mul(&x, beta_prod_t.sqrt())?)?,
-            ),
-        };
-        if self.config.clip_sample {
-            let r = self.config.clip_sample_range;
-            pred_x0 = pred_x0.clamp(-r, r)?;
-        }
+        let (c, alpha, sigma) = (&self.config, alpha_prod_t.sqrt(), beta_prod_t.sqrt());
+        let pred_x0 = data_prediction(c.prediction_type, &mo, &x, alpha, sigma)?;
+        let pred_x0 = clip_sample(pred_x0, c.clip_sample, c.clip_sample_range)?;
+        let pred_eps = noise_prediction(c.prediction_type, &mo, &x, alpha, sigma)?;
 
         let beta_prod_t_prev = 1.0 - alpha_prod_t_prev;
         let variance = (beta_prod_t_prev / beta_prod_t) * (1.0 - alpha_prod_t / alpha_prod_t_prev);
@@ -188,11 +141,6 @@ impl Scheduler for DdimScheduler {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
-        add_noise_alphas(
-            &self.alphas_cumprod,
-            original,
-            noise,
-            &[train_index(timestep, self.config.num_train_timesteps)?],
-        )
+        add_noise_at_timestep(&self.alphas_cumprod, original, noise, timestep)
     }
 }

@@ -4,10 +4,10 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::schedule::{BetaSchedule, Betas, PredictionType, TimestepSpacing, exp32, ln32, spaced_timesteps};
+use super::schedule::{BetaSchedule, PredictionType, TimestepSpacing, betas, exp32, ln32, train_timesteps};
 use super::{
-    NoiseSource, Scheduler, add_noise_alphas, check_steps, div, draw_noise, mul, per_item_alphas, refuse_flag,
-    train_index, upcast,
+    NoiseSource, Scheduler, add_noise_alphas, add_noise_at_timestep, clip_sample, data_prediction, draw_noise, mul,
+    per_item_alphas, refuse_flag, train_index, training_timesteps, upcast,
 };
 use crate::error::{DiffusionError, Result};
 
@@ -77,17 +77,8 @@ pub struct DdpmScheduler {
 impl DdpmScheduler {
     pub fn new(config: DdpmConfig) -> Result<Self> {
         refuse_flag(CLASS, "thresholding", config.thresholding, "dynamic thresholding")?;
-        let alphas_cumprod = Betas {
-            class: CLASS,
-            num_train_timesteps: config.num_train_timesteps,
-            beta_start: config.beta_start,
-            beta_end: config.beta_end,
-            beta_schedule: config.beta_schedule,
-            trained_betas: config.trained_betas.as_deref(),
-            rescale_betas_zero_snr: config.rescale_betas_zero_snr,
-        }
-        .alphas_cumprod()?;
-        let timesteps = (0..config.num_train_timesteps).rev().map(|t| t as f64).collect();
+        let alphas_cumprod = betas!(config).alphas_cumprod()?;
+        let timesteps = train_timesteps(config.num_train_timesteps);
         Ok(Self { config, alphas_cumprod, timesteps, num_inference_steps: None })
     }
 
@@ -129,24 +120,9 @@ impl DdpmScheduler {
 
 impl Scheduler for DdpmScheduler {
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
-        check_steps(num_inference_steps)?;
-        let train = self.config.num_train_timesteps;
-        if num_inference_steps > train {
-            return Err(DiffusionError::input(
-                "num_inference_steps",
-                format!("{num_inference_steps} is more than num_train_timesteps {train}"),
-            ));
-        }
-        let spaced = spaced_timesteps(
-            self.config.timestep_spacing,
-            train,
-            train,
-            num_inference_steps,
-            self.config.steps_offset,
-            false,
-        );
-        // As in DDIM: numpy's trailing arange can add a -1, which diffusers would misread.
-        self.timesteps = spaced.into_iter().map(f64::round_ties_even).filter(|&t| t >= 0.0).collect();
+        let c = &self.config;
+        self.timesteps =
+            training_timesteps(c.timestep_spacing, c.num_train_timesteps, num_inference_steps, c.steps_offset)?;
         self.num_inference_steps = Some(num_inference_steps);
         Ok(())
     }
@@ -155,20 +131,8 @@ impl Scheduler for DdpmScheduler {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn order(&self) -> usize {
-        1
-    }
-
     /// DDPM has no step counter: each step is found from its timestep.
     fn set_begin_index(&mut self, _index: usize) {}
-
-    fn scale_model_input(&mut self, sample: &Tensor, _timestep: f64) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
 
     fn step(
         &mut self,
@@ -187,15 +151,9 @@ impl Scheduler for DdpmScheduler {
         let current_beta_t = 1.0 - current_alpha_t;
         let (mo, x) = (upcast(model_output)?, upcast(sample)?);
 
-        let mut pred_x0 = match self.config.prediction_type {
-            PredictionType::Epsilon => div(&(&x - mul(&mo, beta_prod_t.sqrt())?)?, alpha_prod_t.sqrt())?,
-            PredictionType::Sample => mo,
-            PredictionType::VPrediction => (mul(&x, alpha_prod_t.sqrt())? - mul(&mo, beta_prod_t.sqrt())?)?,
-        };
-        if self.config.clip_sample {
-            let r = self.config.clip_sample_range;
-            pred_x0 = pred_x0.clamp(-r, r)?;
-        }
+        let c = &self.config;
+        let pred_x0 = data_prediction(c.prediction_type, &mo, &x, alpha_prod_t.sqrt(), beta_prod_t.sqrt())?;
+        let pred_x0 = clip_sample(pred_x0, c.clip_sample, c.clip_sample_range)?;
         let x0_coeff = (alpha_prod_t_prev.sqrt() * current_beta_t) / beta_prod_t;
         let sample_coeff = current_alpha_t.sqrt() * beta_prod_t_prev / beta_prod_t;
         let mut prev = (mul(&pred_x0, x0_coeff)? + mul(&x, sample_coeff)?)?;
@@ -214,6 +172,6 @@ impl Scheduler for DdpmScheduler {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
-        self.add_noise_at(original, noise, &[train_index(timestep, self.config.num_train_timesteps)?])
+        add_noise_at_timestep(&self.alphas_cumprod, original, noise, timestep)
     }
 }

@@ -5,11 +5,13 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::schedule::{
-    BetaSchedule, Betas, FinalSigmasType, PredictionType, TimestepSpacing, alpha_sigma_t, exp32, interp_sigma,
-    karras_sigmas, lambda_of, ln32, log_sigmas, sigma_to_t, spaced_timesteps, train_sigmas,
+    BetaSchedule, FinalSigmasType, PredictionType, TimestepSpacing, alpha_sigma_t, betas, exp32, final_sigma,
+    interp_sigma, karras_sigmas, lambda_of, ln32, log_sigmas, sigma_to_t, spaced_timesteps, train_sigmas,
+    train_timesteps,
 };
 use super::{
-    Missing, NoiseSource, Scheduler, StepIndex, check_steps, div, draw_noise, mul, refuse_flag, sigma_at, upcast,
+    History, Missing, NoiseSource, Scheduler, StepIndex, add_noise_alpha_sigma, check_steps, data_prediction,
+    draw_noise, mul, refuse_flag, sigma_at, upcast,
 };
 use crate::error::{DiffusionError, Result};
 
@@ -112,8 +114,8 @@ pub struct DpmSolverMultistepScheduler {
     alphas_cumprod: Vec<f32>,
     timesteps: Vec<f64>,
     sigmas: Vec<f32>,
-    /// The last `solver_order` data predictions, newest last.
-    model_outputs: Vec<Option<Tensor>>,
+    /// The last `solver_order` data predictions.
+    model_outputs: History,
     lower_order_nums: usize,
     index: StepIndex,
 }
@@ -140,22 +142,10 @@ impl DpmSolverMultistepScheduler {
                 format!("must be 1, 2 or 3, got {}", config.solver_order),
             ));
         }
-        let mut alphas_cumprod = Betas {
-            class: CLASS,
-            num_train_timesteps: config.num_train_timesteps,
-            beta_start: config.beta_start,
-            beta_end: config.beta_end,
-            beta_schedule: config.beta_schedule,
-            trained_betas: config.trained_betas.as_deref(),
-            rescale_betas_zero_snr: config.rescale_betas_zero_snr,
-        }
-        .alphas_cumprod()?;
-        if config.rescale_betas_zero_snr {
-            *alphas_cumprod.last_mut().unwrap_or(&mut 0.0) = 2f32.powi(-24);
-        }
+        let alphas_cumprod = betas!(config).sigma_alphas_cumprod()?;
         let train_sigmas = train_sigmas(&alphas_cumprod);
-        let timesteps = (0..config.num_train_timesteps).rev().map(|t| t as f64).collect();
-        let model_outputs = vec![None; config.solver_order];
+        let timesteps = train_timesteps(config.num_train_timesteps);
+        let model_outputs = History::new(config.solver_order);
         Ok(Self {
             config,
             sigmas: train_sigmas.clone(),
@@ -192,18 +182,8 @@ impl DpmSolverMultistepScheduler {
         self.config.num_train_timesteps - clipped
     }
 
-    /// The data prediction `x0` of `model_output` at the current sigma.
-    fn convert_model_output(&self, mo: &Tensor, x: &Tensor, sigma: f32) -> Result<Tensor> {
-        let (alpha_t, sigma_t) = alpha_sigma_t(sigma);
-        Ok(match self.config.prediction_type {
-            PredictionType::Epsilon => div(&(x - mul(mo, sigma_t)?)?, alpha_t)?,
-            PredictionType::Sample => mo.clone(),
-            PredictionType::VPrediction => (mul(x, alpha_t)? - mul(mo, sigma_t)?)?,
-        })
-    }
-
     fn first_order(&self, i: usize, x: &Tensor, noise: Option<&Tensor>) -> Result<Tensor> {
-        let m0 = self.history(1)?;
+        let m0 = self.model_outputs.get(1)?;
         let (lambda_t, alpha_t, sigma_t) = lambda_t_of(&self.sigmas, i + 1)?;
         let (lambda_s, _, sigma_s) = lambda_t_of(&self.sigmas, i)?;
         let h = lambda_t - lambda_s;
@@ -215,7 +195,7 @@ impl DpmSolverMultistepScheduler {
     }
 
     fn second_order(&self, i: usize, x: &Tensor, noise: Option<&Tensor>) -> Result<Tensor> {
-        let (m0, m1) = (self.history(1)?, self.history(2)?);
+        let (m0, m1) = (self.model_outputs.get(1)?, self.model_outputs.get(2)?);
         let (lambda_t, alpha_t, sigma_t) = lambda_t_of(&self.sigmas, i + 1)?;
         let (lambda_s0, _, sigma_s0) = lambda_t_of(&self.sigmas, i)?;
         let (lambda_s1, _, _) = lambda_t_of(&self.sigmas, i.wrapping_sub(1))?;
@@ -243,7 +223,7 @@ impl DpmSolverMultistepScheduler {
     }
 
     fn third_order(&self, i: usize, x: &Tensor, noise: Option<&Tensor>) -> Result<Tensor> {
-        let (m0, m1, m2) = (self.history(1)?, self.history(2)?, self.history(3)?);
+        let (m0, m1, m2) = (self.model_outputs.get(1)?, self.model_outputs.get(2)?, self.model_outputs.get(3)?);
         let (lambda_t, alpha_t, sigma_t) = lambda_t_of(&self.sigmas, i + 1)?;
         let (lambda_s0, _, sigma_s0) = lambda_t_of(&self.sigmas, i)?;
         let (lambda_s1, _, _) = lambda_t_of(&self.sigmas, i.wrapping_sub(1))?;
@@ -269,13 +249,6 @@ impl DpmSolverMultistepScheduler {
                     + mul(z, sigma_t * (1.0 - exp32(-2.0 * h)).sqrt())?)?)
             }
         }
-    }
-
-    /// The `k`-th newest stored data prediction (1 = the current one).
-    fn history(&self, k: usize) -> Result<&Tensor> {
-        self.model_outputs[self.model_outputs.len() - k]
-            .as_ref()
-            .ok_or_else(|| DiffusionError::input("timestep", "a higher-order step needs the earlier steps of the run"))
     }
 }
 
@@ -308,13 +281,10 @@ impl Scheduler for DpmSolverMultistepScheduler {
         } else {
             timesteps.iter().map(|&t| interp_sigma(t, &self.train_sigmas)).collect()
         };
-        let sigma_last = match c.final_sigmas_type {
-            FinalSigmasType::Zero => 0.0,
-            FinalSigmasType::SigmaMin => self.train_sigmas[0],
-        };
+        let sigma_last = final_sigma(c.final_sigmas_type, self.train_sigmas[0]);
         self.sigmas = sigmas.iter().map(|&s| s as f32).chain([sigma_last]).collect();
         self.timesteps = timesteps;
-        self.model_outputs = vec![None; c.solver_order];
+        self.model_outputs = History::new(c.solver_order);
         self.lower_order_nums = 0;
         self.index.reset();
         Ok(())
@@ -324,20 +294,8 @@ impl Scheduler for DpmSolverMultistepScheduler {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn order(&self) -> usize {
-        1
-    }
-
     fn set_begin_index(&mut self, index: usize) {
         self.index.begin = Some(index);
-    }
-
-    fn scale_model_input(&mut self, sample: &Tensor, _timestep: f64) -> Result<Tensor> {
-        Ok(sample.clone())
     }
 
     fn step(
@@ -355,9 +313,8 @@ impl Scheduler for DpmSolverMultistepScheduler {
         let lower_order_second = i == len.wrapping_sub(2) && c.lower_order_final && len < 15;
 
         let (mo, x) = (upcast(model_output)?, upcast(sample)?);
-        let x0 = self.convert_model_output(&mo, &x, sigma_at(&self.sigmas, i)?)?;
-        self.model_outputs.rotate_left(1);
-        *self.model_outputs.last_mut().unwrap_or(&mut None) = Some(x0);
+        let (alpha_t, sigma_t) = alpha_sigma_t(sigma_at(&self.sigmas, i)?);
+        self.model_outputs.push(data_prediction(c.prediction_type, &mo, &x, alpha_t, sigma_t)?);
 
         let z = match c.algorithm_type {
             AlgorithmType::SdeDpmSolverPlusPlus => Some(upcast(&draw_noise(noise, &x)?)?),
@@ -378,9 +335,6 @@ impl Scheduler for DpmSolverMultistepScheduler {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self.index.for_add_noise(&self.timesteps, timestep, Missing::Last)?;
-        let (alpha_t, sigma_t) = alpha_sigma_t(sigma_at(&self.sigmas, i)?);
-        let (o, z) = (upcast(original)?, upcast(noise)?);
-        Ok((mul(&o, alpha_t)? + mul(&z, sigma_t)?)?.to_dtype(original.dtype())?)
+        add_noise_alpha_sigma(&self.index, &self.timesteps, &self.sigmas, original, noise, timestep)
     }
 }

@@ -3,9 +3,13 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::euler_discrete::{euler_init_noise_sigma, euler_pred_x0, euler_scale, euler_timesteps};
-use super::schedule::{BetaSchedule, Betas, PredictionType, TimestepSpacing, interp_sigma, train_sigmas};
-use super::{Missing, NoiseSource, Scheduler, StepIndex, check_steps, div, draw_noise, mul, sigma_at, upcast};
+use super::euler_discrete::{
+    euler_add_noise, euler_init_noise_sigma, euler_pred_x0, euler_scale_model_input, euler_timesteps, euler_update,
+};
+use super::schedule::{
+    BetaSchedule, PredictionType, TimestepSpacing, betas, interp_sigma, train_sigmas, train_timesteps,
+};
+use super::{Missing, NoiseSource, Scheduler, StepIndex, check_steps, draw_noise, mul, sigma_at, upcast};
 use crate::error::{DiffusionError, Result};
 
 const CLASS: &str = "EulerAncestralDiscreteScheduler";
@@ -57,22 +61,9 @@ impl EulerAncestralDiscreteScheduler {
         if config.prediction_type == PredictionType::Sample {
             return Err(DiffusionError::config(CLASS, "prediction_type", "`sample` is not implemented"));
         }
-        let mut alphas_cumprod = Betas {
-            class: CLASS,
-            num_train_timesteps: config.num_train_timesteps,
-            beta_start: config.beta_start,
-            beta_end: config.beta_end,
-            beta_schedule: config.beta_schedule,
-            trained_betas: config.trained_betas.as_deref(),
-            rescale_betas_zero_snr: config.rescale_betas_zero_snr,
-        }
-        .alphas_cumprod()?;
-        if config.rescale_betas_zero_snr {
-            *alphas_cumprod.last_mut().unwrap_or(&mut 0.0) = 2f32.powi(-24);
-        }
-        let train_sigmas = train_sigmas(&alphas_cumprod);
+        let train_sigmas = train_sigmas(&betas!(config).sigma_alphas_cumprod()?);
         let sigmas = train_sigmas.iter().rev().copied().chain([0.0]).collect();
-        let timesteps = (0..config.num_train_timesteps).rev().map(|t| t as f64).collect();
+        let timesteps = train_timesteps(config.num_train_timesteps);
         Ok(Self { config, train_sigmas, timesteps, sigmas, index: StepIndex::default() })
     }
 
@@ -105,18 +96,12 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
         euler_init_noise_sigma(&self.sigmas, self.config.timestep_spacing)
     }
 
-    fn order(&self) -> usize {
-        1
-    }
-
     fn set_begin_index(&mut self, index: usize) {
         self.index.begin = Some(index);
     }
 
     fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self.index.current(&self.timesteps, timestep, Missing::Fail)?;
-        let x = upcast(sample)?;
-        Ok(euler_scale(&x, sigma_at(&self.sigmas, i)?)?.to_dtype(sample.dtype())?)
+        euler_scale_model_input(&mut self.index, &self.timesteps, &self.sigmas, sample, timestep)
     }
 
     fn step(
@@ -132,8 +117,7 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
         let pred_x0 = euler_pred_x0(self.config.prediction_type, &mo, &x, sigma)?;
         let sigma_up = (sigma_to * sigma_to * (sigma * sigma - sigma_to * sigma_to) / (sigma * sigma)).sqrt();
         let sigma_down = (sigma_to * sigma_to - sigma_up * sigma_up).sqrt();
-        let derivative = div(&(&x - pred_x0)?, sigma)?;
-        let prev = (&x + mul(&derivative, sigma_down - sigma)?)?;
+        let prev = euler_update(&x, &pred_x0, sigma, sigma_down)?;
         let z = upcast(&draw_noise(noise, model_output)?)?;
         let prev = (prev + mul(&z, sigma_up)?)?;
         self.index.advance();
@@ -141,8 +125,6 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self.index.for_add_noise(&self.timesteps, timestep, Missing::Fail)?;
-        let sigma = sigma_at(&self.sigmas, i)?;
-        Ok((original + mul(&upcast(noise)?, sigma)?.to_dtype(original.dtype())?)?)
+        euler_add_noise(&self.index, &self.timesteps, &self.sigmas, original, noise, timestep)
     }
 }

@@ -5,8 +5,8 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::schedule::{
-    BetaSchedule, Betas, FinalSigmasType, PredictionType, TimestepSpacing, interp_sigma, karras_sigmas, ln32,
-    log_sigmas, sigma_to_t, spaced_timesteps, train_sigmas,
+    BetaSchedule, FinalSigmasType, PredictionType, TimestepSpacing, betas, final_sigma, interp_sigma, karras_sigmas,
+    ln32, log_sigmas, sigma_to_t, spaced_timesteps, train_sigmas,
 };
 use super::{Missing, NoiseSource, Scheduler, StepIndex, check_steps, div, mul, refuse_flag, sigma_at, upcast};
 use crate::error::Result;
@@ -96,24 +96,10 @@ impl EulerDiscreteScheduler {
     pub fn new(config: EulerDiscreteConfig) -> Result<Self> {
         refuse_flag(CLASS, "use_exponential_sigmas", config.use_exponential_sigmas, "exponential sigmas")?;
         refuse_flag(CLASS, "use_beta_sigmas", config.use_beta_sigmas, "beta sigmas")?;
-        let mut alphas_cumprod = Betas {
-            class: CLASS,
-            num_train_timesteps: config.num_train_timesteps,
-            beta_start: config.beta_start,
-            beta_end: config.beta_end,
-            beta_schedule: config.beta_schedule,
-            trained_betas: config.trained_betas.as_deref(),
-            rescale_betas_zero_snr: config.rescale_betas_zero_snr,
-        }
-        .alphas_cumprod()?;
-        if config.rescale_betas_zero_snr {
-            // diffusers' stand-in for an infinite last sigma.
-            *alphas_cumprod.last_mut().unwrap_or(&mut 0.0) = 2f32.powi(-24);
-        }
-        let train_sigmas = train_sigmas(&alphas_cumprod);
+        let train_sigmas = train_sigmas(&betas!(config).sigma_alphas_cumprod()?);
         let sigmas: Vec<f32> = train_sigmas.iter().rev().copied().chain([0.0]).collect();
         let timesteps = if continuous(&config) {
-            sigmas[..sigmas.len() - 1].iter().map(|&s| (0.25 * ln32(s)) as f64).collect()
+            continuous_timesteps(&sigmas)
         } else {
             (0..config.num_train_timesteps).rev().map(|t| t as f32 as f64).collect()
         };
@@ -132,6 +118,11 @@ impl EulerDiscreteScheduler {
 
 fn continuous(config: &EulerDiscreteConfig) -> bool {
     config.timestep_type == TimestepType::Continuous && config.prediction_type == PredictionType::VPrediction
+}
+
+/// The `continuous` timesteps `0.25 * ln(sigma)` of all sigmas but the final one.
+fn continuous_timesteps(sigmas: &[f32]) -> Vec<f64> {
+    sigmas[..sigmas.len() - 1].iter().map(|&s| (0.25 * ln32(s)) as f64).collect()
 }
 
 /// `init_noise_sigma` of the Euler schedulers: the largest sigma (or `sqrt(max^2 + 1)` under
@@ -158,9 +149,35 @@ pub(super) fn euler_timesteps(
         .collect()
 }
 
-/// `sample / sqrt(sigma^2 + 1)`, the Euler schedulers' model input.
-pub(super) fn euler_scale(sample: &Tensor, sigma: f32) -> Result<Tensor> {
-    div(sample, (sigma * sigma + 1.0).sqrt())
+/// The Euler schedulers' `scale_model_input`: `sample / sqrt(sigma^2 + 1)` at the current step.
+pub(super) fn euler_scale_model_input(
+    index: &mut StepIndex,
+    timesteps: &[f64],
+    sigmas: &[f32],
+    sample: &Tensor,
+    timestep: f64,
+) -> Result<Tensor> {
+    let sigma = sigma_at(sigmas, index.current(timesteps, timestep, Missing::Fail)?)?;
+    Ok(div(&upcast(sample)?, (sigma * sigma + 1.0).sqrt())?.to_dtype(sample.dtype())?)
+}
+
+/// The Euler schedulers' `add_noise`: `original + sigma * noise` at the sigma of `timestep`.
+pub(super) fn euler_add_noise(
+    index: &StepIndex,
+    timesteps: &[f64],
+    sigmas: &[f32],
+    original: &Tensor,
+    noise: &Tensor,
+    timestep: f64,
+) -> Result<Tensor> {
+    let sigma = sigma_at(sigmas, index.for_add_noise(timesteps, timestep, Missing::Fail)?)?;
+    Ok((original + mul(&upcast(noise)?, sigma)?.to_dtype(original.dtype())?)?)
+}
+
+/// An Euler step of `x` from `sigma` to `sigma_to`, along the derivative `(x - pred_x0) / sigma`.
+pub(super) fn euler_update(x: &Tensor, pred_x0: &Tensor, sigma: f32, sigma_to: f32) -> Result<Tensor> {
+    let derivative = div(&(x - pred_x0)?, sigma)?;
+    Ok((x + mul(&derivative, sigma_to - sigma)?)?)
 }
 
 /// The denoised sample of the Euler schedulers (`x` in float32).
@@ -192,14 +209,10 @@ impl Scheduler for EulerDiscreteScheduler {
             let log_sigmas = log_sigmas(&self.train_sigmas);
             timesteps = sigmas.iter().map(|&s| sigma_to_t(s, &log_sigmas) as f32 as f64).collect();
         }
-        let sigma_last = match c.final_sigmas_type {
-            FinalSigmasType::Zero => 0.0,
-            // `((1 - ac[0]) / ac[0]) ** 0.5`, the first training sigma.
-            FinalSigmasType::SigmaMin => self.train_sigmas[0],
-        };
+        let sigma_last = final_sigma(c.final_sigmas_type, self.train_sigmas[0]);
         self.sigmas = sigmas.iter().map(|&s| s as f32).chain([sigma_last]).collect();
         if continuous(c) {
-            timesteps = self.sigmas[..self.sigmas.len() - 1].iter().map(|&s| (0.25 * ln32(s)) as f64).collect();
+            timesteps = continuous_timesteps(&self.sigmas);
         }
         self.timesteps = timesteps;
         self.index.reset();
@@ -214,18 +227,12 @@ impl Scheduler for EulerDiscreteScheduler {
         euler_init_noise_sigma(&self.sigmas, self.config.timestep_spacing)
     }
 
-    fn order(&self) -> usize {
-        1
-    }
-
     fn set_begin_index(&mut self, index: usize) {
         self.index.begin = Some(index);
     }
 
     fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self.index.current(&self.timesteps, timestep, Missing::Fail)?;
-        let x = upcast(sample)?;
-        Ok(euler_scale(&x, sigma_at(&self.sigmas, i)?)?.to_dtype(sample.dtype())?)
+        euler_scale_model_input(&mut self.index, &self.timesteps, &self.sigmas, sample, timestep)
     }
 
     fn step(
@@ -239,15 +246,12 @@ impl Scheduler for EulerDiscreteScheduler {
         let (sigma, sigma_next) = (sigma_at(&self.sigmas, i)?, sigma_at(&self.sigmas, i + 1)?);
         let (mo, x) = (upcast(model_output)?, upcast(sample)?);
         let pred_x0 = euler_pred_x0(self.config.prediction_type, &mo, &x, sigma)?;
-        let derivative = div(&(&x - pred_x0)?, sigma)?;
-        let prev = (&x + mul(&derivative, sigma_next - sigma)?)?;
+        let prev = euler_update(&x, &pred_x0, sigma, sigma_next)?;
         self.index.advance();
         Ok(prev.to_dtype(model_output.dtype())?)
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self.index.for_add_noise(&self.timesteps, timestep, Missing::Fail)?;
-        let sigma = sigma_at(&self.sigmas, i)?;
-        Ok((original + mul(&upcast(noise)?, sigma)?.to_dtype(original.dtype())?)?)
+        euler_add_noise(&self.index, &self.timesteps, &self.sigmas, original, noise, timestep)
     }
 }

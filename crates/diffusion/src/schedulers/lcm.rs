@@ -4,10 +4,10 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::schedule::{BetaSchedule, Betas, PredictionType, np_linspace};
+use super::schedule::{BetaSchedule, PredictionType, betas, np_linspace, train_timesteps};
 use super::{
-    Missing, NoiseSource, Scheduler, StepIndex, add_noise_alphas, check_steps, div, draw_noise, mul, refuse_flag,
-    train_index, upcast,
+    Missing, NoiseSource, Scheduler, StepIndex, add_noise_at_timestep, check_steps, clip_sample, data_prediction,
+    draw_noise, mul, refuse_flag, train_index, upcast,
 };
 use crate::error::{DiffusionError, Result};
 
@@ -64,16 +64,7 @@ pub struct LcmScheduler {
 impl LcmScheduler {
     pub fn new(config: LcmConfig) -> Result<Self> {
         refuse_flag(CLASS, "thresholding", config.thresholding, "dynamic thresholding")?;
-        let alphas_cumprod = Betas {
-            class: CLASS,
-            num_train_timesteps: config.num_train_timesteps,
-            beta_start: config.beta_start,
-            beta_end: config.beta_end,
-            beta_schedule: config.beta_schedule,
-            trained_betas: config.trained_betas.as_deref(),
-            rescale_betas_zero_snr: config.rescale_betas_zero_snr,
-        }
-        .alphas_cumprod()?;
+        let alphas_cumprod = betas!(config).alphas_cumprod()?;
         let original = config.original_inference_steps;
         if original == 0 || original > config.num_train_timesteps {
             return Err(DiffusionError::config(
@@ -82,7 +73,7 @@ impl LcmScheduler {
                 format!("must be in [1, num_train_timesteps = {}], got {original}", config.num_train_timesteps),
             ));
         }
-        let timesteps = (0..config.num_train_timesteps).rev().map(|t| t as f64).collect();
+        let timesteps = train_timesteps(config.num_train_timesteps);
         Ok(Self { config, alphas_cumprod, timesteps, index: StepIndex::default() })
     }
 
@@ -115,20 +106,8 @@ impl Scheduler for LcmScheduler {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn order(&self) -> usize {
-        1
-    }
-
     fn set_begin_index(&mut self, index: usize) {
         self.index.begin = Some(index);
-    }
-
-    fn scale_model_input(&mut self, sample: &Tensor, _timestep: f64) -> Result<Tensor> {
-        Ok(sample.clone())
     }
 
     fn step(
@@ -154,15 +133,9 @@ impl Scheduler for LcmScheduler {
         let c_out = scaled / (scaled * scaled + 0.25).sqrt();
 
         let (mo, x) = (upcast(model_output)?, upcast(sample)?);
-        let mut pred_x0 = match self.config.prediction_type {
-            PredictionType::Epsilon => div(&(&x - mul(&mo, beta_prod_t.sqrt())?)?, alpha_prod_t.sqrt())?,
-            PredictionType::Sample => mo,
-            PredictionType::VPrediction => (mul(&x, alpha_prod_t.sqrt())? - mul(&mo, beta_prod_t.sqrt())?)?,
-        };
-        if self.config.clip_sample {
-            let r = self.config.clip_sample_range;
-            pred_x0 = pred_x0.clamp(-r, r)?;
-        }
+        let c = &self.config;
+        let pred_x0 = data_prediction(c.prediction_type, &mo, &x, alpha_prod_t.sqrt(), beta_prod_t.sqrt())?;
+        let pred_x0 = clip_sample(pred_x0, c.clip_sample, c.clip_sample_range)?;
         let denoised = (mul(&pred_x0, c_out)? + mul(&x, c_skip)?)?;
         let prev = if i + 1 != self.timesteps.len() {
             let z = upcast(&draw_noise(noise, &denoised)?)?;
@@ -175,11 +148,6 @@ impl Scheduler for LcmScheduler {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
-        add_noise_alphas(
-            &self.alphas_cumprod,
-            original,
-            noise,
-            &[train_index(timestep, self.config.num_train_timesteps)?],
-        )
+        add_noise_at_timestep(&self.alphas_cumprod, original, noise, timestep)
     }
 }

@@ -39,6 +39,7 @@ pub mod unipc_multistep;
 use candle_core::{DType, Tensor};
 
 use crate::error::{DiffusionError, Result};
+use schedule::{alpha_sigma_t, spaced_timesteps};
 
 pub use config::{Sampler, SchedulerConfig};
 pub use ddim::{DdimConfig, DdimScheduler};
@@ -78,13 +79,19 @@ pub trait Scheduler: Send {
     /// The timesteps fed to the UNet, in order (diffusers `scheduler.timesteps`).
     fn timesteps(&self) -> &[f64];
     /// The standard deviation of the initial noise (multiply unit Gaussian latents by it).
-    fn init_noise_sigma(&self) -> f64;
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
     /// UNet evaluations per entry of `timesteps` (diffusers `scheduler.order`).
-    fn order(&self) -> usize;
+    fn order(&self) -> usize {
+        1
+    }
     /// Starts the run at `timesteps()[index]` (diffusers `set_begin_index`, used by img2img).
     fn set_begin_index(&mut self, index: usize);
-    /// The UNet input for `sample` at `timestep`.
-    fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Result<Tensor>;
+    /// The UNet input for `sample` at `timestep` (by default `sample` itself).
+    fn scale_model_input(&mut self, sample: &Tensor, _timestep: f64) -> Result<Tensor> {
+        Ok(sample.clone())
+    }
     /// One denoising step from `timestep`: returns the previous (less noisy) sample.
     fn step(
         &mut self,
@@ -193,6 +200,27 @@ fn check_steps(num_inference_steps: usize) -> Result<()> {
     Ok(())
 }
 
+/// The whole-number timesteps of DDIM and DDPM's `set_timesteps`.
+fn training_timesteps(
+    spacing: TimestepSpacing,
+    num_train_timesteps: usize,
+    num_inference_steps: usize,
+    steps_offset: usize,
+) -> Result<Vec<f64>> {
+    check_steps(num_inference_steps)?;
+    let train = num_train_timesteps;
+    if num_inference_steps > train {
+        return Err(DiffusionError::input(
+            "num_inference_steps",
+            format!("{num_inference_steps} is more than num_train_timesteps {train}"),
+        ));
+    }
+    let spaced = spaced_timesteps(spacing, train, train, num_inference_steps, steps_offset, false);
+    // numpy's arange can add a -1 under trailing spacing (e.g. 61 steps); diffusers would then
+    // index alphas_cumprod[-1], the last training step. It is dropped here.
+    Ok(spaced.into_iter().map(f64::round_ties_even).filter(|&t| t >= 0.0).collect())
+}
+
 /// The dtype the arithmetic runs in: float32, or float64 for float64 inputs.
 fn work_dtype(dtype: DType) -> DType {
     if dtype == DType::F64 { DType::F64 } else { DType::F32 }
@@ -222,8 +250,36 @@ fn draw_noise(noise: &mut dyn NoiseSource, like: &Tensor) -> Result<Tensor> {
     Ok(n.to_dtype(like.dtype())?.to_device(like.device())?)
 }
 
+/// The data prediction `x0` of `model_output` for a sample `alpha * x0 + sigma * eps`.
+fn data_prediction(prediction: PredictionType, mo: &Tensor, x: &Tensor, alpha: f32, sigma: f32) -> Result<Tensor> {
+    Ok(match prediction {
+        PredictionType::Epsilon => div(&(x - mul(mo, sigma)?)?, alpha)?,
+        PredictionType::Sample => mo.clone(),
+        PredictionType::VPrediction => (mul(x, alpha)? - mul(mo, sigma)?)?,
+    })
+}
+
+/// The noise prediction `eps` of `model_output` for a sample `alpha * x0 + sigma * eps`.
+fn noise_prediction(prediction: PredictionType, mo: &Tensor, x: &Tensor, alpha: f32, sigma: f32) -> Result<Tensor> {
+    Ok(match prediction {
+        PredictionType::Epsilon => mo.clone(),
+        PredictionType::Sample => div(&(x - mul(mo, alpha)?)?, sigma)?,
+        PredictionType::VPrediction => (mul(mo, alpha)? + mul(x, sigma)?)?,
+    })
+}
+
+/// `x` clamped to `[-range, range]` when `clip_sample` is set.
+fn clip_sample(x: Tensor, clip_sample: bool, range: f64) -> Result<Tensor> {
+    Ok(if clip_sample { x.clamp(-range, range)? } else { x })
+}
+
+/// The `add_noise` of DDPM, DDIM and LCM at one training timestep.
+fn add_noise_at_timestep(alphas_cumprod: &[f32], original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
+    add_noise_alphas(alphas_cumprod, original, noise, &[train_index(timestep, alphas_cumprod.len())?])
+}
+
 /// `sqrt(alphas_cumprod[t]) * original + sqrt(1 - alphas_cumprod[t]) * noise`, one timestep per
-/// batch item (the `add_noise` of DDPM, DDIM and LCM).
+/// batch item.
 fn add_noise_alphas(alphas_cumprod: &[f32], original: &Tensor, noise: &Tensor, timesteps: &[usize]) -> Result<Tensor> {
     let (sqrt_a, sqrt_b) = per_item_alphas(alphas_cumprod, original, timesteps)?;
     Ok((original.broadcast_mul(&sqrt_a)? + noise.broadcast_mul(&sqrt_b)?)?)
@@ -253,6 +309,45 @@ fn per_item_alphas(alphas_cumprod: &[f32], like: &Tensor, timesteps: &[usize]) -
         Ok(Tensor::from_vec(v, shape.as_slice(), like.device())?.to_dtype(like.dtype())?)
     };
     Ok((as_tensor(a)?, as_tensor(b)?))
+}
+
+/// The `add_noise` of DPM-Solver and UniPC: `alpha_t * original + sigma_t * noise` at the sigma
+/// of `timestep`.
+fn add_noise_alpha_sigma(
+    index: &StepIndex,
+    timesteps: &[f64],
+    sigmas: &[f32],
+    original: &Tensor,
+    noise: &Tensor,
+    timestep: f64,
+) -> Result<Tensor> {
+    let i = index.for_add_noise(timesteps, timestep, Missing::Last)?;
+    let (alpha_t, sigma_t) = alpha_sigma_t(sigma_at(sigmas, i)?);
+    let (o, z) = (upcast(original)?, upcast(noise)?);
+    Ok((mul(&o, alpha_t)? + mul(&z, sigma_t)?)?.to_dtype(original.dtype())?)
+}
+
+/// The last model outputs of a multistep solver (diffusers `model_outputs`), newest last.
+#[derive(Debug, Clone)]
+struct History(Vec<Option<Tensor>>);
+
+impl History {
+    fn new(solver_order: usize) -> Self {
+        Self(vec![None; solver_order])
+    }
+
+    /// Stores `output` as the newest, dropping the oldest.
+    fn push(&mut self, output: Tensor) {
+        self.0.rotate_left(1);
+        *self.0.last_mut().unwrap_or(&mut None) = Some(output);
+    }
+
+    /// The `k`-th newest stored output (1 = the newest).
+    fn get(&self, k: usize) -> Result<&Tensor> {
+        self.0[self.0.len() - k]
+            .as_ref()
+            .ok_or_else(|| DiffusionError::input("timestep", "a higher-order step needs the earlier steps of the run"))
+    }
 }
 
 /// Refuses a `true` flag diffusers supports but these schedulers do not implement.

@@ -102,6 +102,48 @@ impl Betas<'_> {
     }
 }
 
+/// The [`Betas`] of a scheduler config with diffusers' usual beta fields (`CLASS` names it in
+/// errors).
+macro_rules! betas {
+    ($config:expr) => {
+        $crate::schedulers::schedule::Betas {
+            class: CLASS,
+            num_train_timesteps: $config.num_train_timesteps,
+            beta_start: $config.beta_start,
+            beta_end: $config.beta_end,
+            beta_schedule: $config.beta_schedule,
+            trained_betas: $config.trained_betas.as_deref(),
+            rescale_betas_zero_snr: $config.rescale_betas_zero_snr,
+        }
+    };
+}
+pub(crate) use betas;
+
+impl Betas<'_> {
+    /// `alphas_cumprod` as the sigma-based schedulers patch it: under zero terminal SNR the last
+    /// value is `2^-24`, diffusers' stand-in for an infinite last sigma.
+    pub fn sigma_alphas_cumprod(&self) -> Result<Vec<f32>> {
+        let mut alphas_cumprod = self.alphas_cumprod()?;
+        if self.rescale_betas_zero_snr {
+            *alphas_cumprod.last_mut().unwrap_or(&mut 0.0) = 2f32.powi(-24);
+        }
+        Ok(alphas_cumprod)
+    }
+}
+
+/// Every training timestep, descending (the schedule before `set_timesteps`).
+pub(crate) fn train_timesteps(num_train_timesteps: usize) -> Vec<f64> {
+    (0..num_train_timesteps).rev().map(|t| t as f64).collect()
+}
+
+/// The sigma the last step denoises to; `sigma_min` is the smallest sigma of the schedule.
+pub(crate) fn final_sigma(final_sigmas_type: FinalSigmasType, sigma_min: f32) -> f32 {
+    match final_sigmas_type {
+        FinalSigmasType::Zero => 0.0,
+        FinalSigmasType::SigmaMin => sigma_min,
+    }
+}
+
 /// `torch.linspace(start, end, n, dtype=float32)` as torch's CPU kernel computes it (a fused
 /// multiply-add from the nearer end).
 fn torch_linspace_f32(start: f64, end: f64, n: usize) -> Vec<f32> {

@@ -5,10 +5,13 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::schedule::{
-    BetaSchedule, Betas, FinalSigmasType, PredictionType, TimestepSpacing, alpha_sigma_t, expm1_32, interp_sigma,
-    karras_sigmas, lambda_of, log_sigmas, sigma_to_t, spaced_timesteps, train_sigmas,
+    BetaSchedule, FinalSigmasType, PredictionType, TimestepSpacing, alpha_sigma_t, betas, expm1_32, final_sigma,
+    interp_sigma, karras_sigmas, lambda_of, log_sigmas, sigma_to_t, spaced_timesteps, train_sigmas, train_timesteps,
 };
-use super::{Missing, NoiseSource, Scheduler, StepIndex, check_steps, div, mul, refuse_flag, sigma_at, upcast};
+use super::{
+    History, Missing, NoiseSource, Scheduler, StepIndex, add_noise_alpha_sigma, check_steps, data_prediction, div, mul,
+    noise_prediction, refuse_flag, sigma_at, upcast,
+};
 use crate::error::{DiffusionError, Result};
 
 const CLASS: &str = "UniPCMultistepScheduler";
@@ -97,8 +100,8 @@ pub struct UniPcMultistepScheduler {
     train_sigmas: Vec<f32>,
     timesteps: Vec<f64>,
     sigmas: Vec<f32>,
-    /// The last `solver_order` converted model outputs, newest last.
-    model_outputs: Vec<Option<Tensor>>,
+    /// The last `solver_order` converted model outputs.
+    model_outputs: History,
     lower_order_nums: usize,
     /// The order of the last predictor step (the next corrector uses it).
     this_order: usize,
@@ -116,22 +119,9 @@ impl UniPcMultistepScheduler {
         if config.solver_order == 0 {
             return Err(DiffusionError::config(CLASS, "solver_order", "must be at least 1"));
         }
-        let mut alphas_cumprod = Betas {
-            class: CLASS,
-            num_train_timesteps: config.num_train_timesteps,
-            beta_start: config.beta_start,
-            beta_end: config.beta_end,
-            beta_schedule: config.beta_schedule,
-            trained_betas: config.trained_betas.as_deref(),
-            rescale_betas_zero_snr: config.rescale_betas_zero_snr,
-        }
-        .alphas_cumprod()?;
-        if config.rescale_betas_zero_snr {
-            *alphas_cumprod.last_mut().unwrap_or(&mut 0.0) = 2f32.powi(-24);
-        }
-        let train_sigmas = train_sigmas(&alphas_cumprod);
-        let timesteps = (0..config.num_train_timesteps).rev().map(|t| t as f64).collect();
-        let model_outputs = vec![None; config.solver_order];
+        let train_sigmas = train_sigmas(&betas!(config).sigma_alphas_cumprod()?);
+        let timesteps = train_timesteps(config.num_train_timesteps);
+        let model_outputs = History::new(config.solver_order);
         Ok(Self {
             config,
             sigmas: train_sigmas.clone(),
@@ -156,27 +146,15 @@ impl UniPcMultistepScheduler {
 
     fn convert_model_output(&self, mo: &Tensor, x: &Tensor, sigma: f32) -> Result<Tensor> {
         let (alpha_t, sigma_t) = alpha_sigma_t(sigma);
-        Ok(match (self.config.predict_x0, self.config.prediction_type) {
-            (true, PredictionType::Epsilon) => div(&(x - mul(mo, sigma_t)?)?, alpha_t)?,
-            (true, PredictionType::Sample) | (false, PredictionType::Epsilon) => mo.clone(),
-            (true, PredictionType::VPrediction) => (mul(x, alpha_t)? - mul(mo, sigma_t)?)?,
-            (false, PredictionType::Sample) => div(&(x - mul(mo, alpha_t)?)?, sigma_t)?,
-            (false, PredictionType::VPrediction) => (mul(mo, alpha_t)? + mul(x, sigma_t)?)?,
-        })
-    }
-
-    /// The `k`-th newest stored model output (1 = the newest).
-    fn history(&self, k: usize) -> Result<&Tensor> {
-        self.model_outputs[self.model_outputs.len() - k]
-            .as_ref()
-            .ok_or_else(|| DiffusionError::input("timestep", "a higher-order step needs the earlier steps of the run"))
+        let prediction = if self.config.predict_x0 { data_prediction } else { noise_prediction };
+        prediction(self.config.prediction_type, mo, x, alpha_t, sigma_t)
     }
 
     /// The UniP / UniC update of `x` from `sigmas[s0]` to `sigmas[t]`, using the stored outputs at
     /// `sigmas[s0 - 1]`, `sigmas[s0 - 2]`, ... (`order - 1` of them). `corrector` is the model
     /// output at `t` for UniC, `None` for UniP.
     fn update(&self, x: &Tensor, t: usize, s0: usize, order: usize, corrector: Option<&Tensor>) -> Result<Tensor> {
-        let m0 = self.history(1)?;
+        let m0 = self.model_outputs.get(1)?;
         let (lambda_t, alpha_t, sigma_t) = lambda_of(sigma_at(&self.sigmas, t)?);
         let (lambda_s0, alpha_s0, sigma_s0) = lambda_of(sigma_at(&self.sigmas, s0)?);
         let h = lambda_t - lambda_s0;
@@ -187,7 +165,7 @@ impl UniPcMultistepScheduler {
             let (lambda_si, _, _) = lambda_of(sigma_at(&self.sigmas, si)?);
             let rk = (lambda_si - lambda_s0) / h;
             rks.push(rk);
-            d1s.push(div(&(self.history(k + 1)? - m0)?, rk)?);
+            d1s.push(div(&(self.model_outputs.get(k + 1)? - m0)?, rk)?);
         }
         rks.push(1.0);
 
@@ -287,21 +265,14 @@ impl Scheduler for UniPcMultistepScheduler {
                 karras_sigmas(c.sigma_min.unwrap_or(ts[0] as f64), c.sigma_max.unwrap_or(ts[ts.len() - 1] as f64), n);
             let log_sigmas = log_sigmas(ts);
             timesteps = karras.iter().map(|&s| sigma_to_t(s, &log_sigmas).round_ties_even()).collect();
-            let last = match c.final_sigmas_type {
-                FinalSigmasType::Zero => 0.0,
-                FinalSigmasType::SigmaMin => karras[karras.len() - 1] as f32,
-            };
+            let last = final_sigma(c.final_sigmas_type, karras[karras.len() - 1] as f32);
             (karras, last)
         } else {
-            let last = match c.final_sigmas_type {
-                FinalSigmasType::Zero => 0.0,
-                FinalSigmasType::SigmaMin => ts[0],
-            };
-            (timesteps.iter().map(|&t| interp_sigma(t, ts)).collect(), last)
+            (timesteps.iter().map(|&t| interp_sigma(t, ts)).collect(), final_sigma(c.final_sigmas_type, ts[0]))
         };
         self.sigmas = sigmas.iter().map(|&s| s as f32).chain([sigma_last]).collect();
         self.timesteps = timesteps;
-        self.model_outputs = vec![None; c.solver_order];
+        self.model_outputs = History::new(c.solver_order);
         self.lower_order_nums = 0;
         self.last_sample = None;
         self.index.reset();
@@ -312,20 +283,8 @@ impl Scheduler for UniPcMultistepScheduler {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn order(&self) -> usize {
-        1
-    }
-
     fn set_begin_index(&mut self, index: usize) {
         self.index.begin = Some(index);
-    }
-
-    fn scale_model_input(&mut self, sample: &Tensor, _timestep: f64) -> Result<Tensor> {
-        Ok(sample.clone())
     }
 
     fn step(
@@ -344,8 +303,7 @@ impl Scheduler for UniPcMultistepScheduler {
         {
             x = self.update(last, i, i - 1, self.this_order, Some(&converted))?;
         }
-        self.model_outputs.rotate_left(1);
-        *self.model_outputs.last_mut().unwrap_or(&mut None) = Some(converted);
+        self.model_outputs.push(converted);
 
         let c = &self.config;
         let order = if c.lower_order_final {
@@ -364,9 +322,6 @@ impl Scheduler for UniPcMultistepScheduler {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self.index.for_add_noise(&self.timesteps, timestep, Missing::Last)?;
-        let (alpha_t, sigma_t) = alpha_sigma_t(sigma_at(&self.sigmas, i)?);
-        let (o, z) = (upcast(original)?, upcast(noise)?);
-        Ok((mul(&o, alpha_t)? + mul(&z, sigma_t)?)?.to_dtype(original.dtype())?)
+        add_noise_alpha_sigma(&self.index, &self.timesteps, &self.sigmas, original, noise, timestep)
     }
 }
