@@ -50,7 +50,9 @@ fn randn(shape: &[usize]) -> Tensor {
 fn main() {
     let filter = std::env::args().nth(1).unwrap_or_default();
     let want = |name: &str| name.contains(&filter);
-    let convs: [(&str, [usize; 4], usize, usize, usize, usize); 8] = [
+    // (name, input shape, output channels, kernel, stride, padding)
+    type ConvCase = (&'static str, [usize; 4], usize, usize, usize, usize);
+    let convs: [ConvCase; 8] = [
         ("conv3x3 [2,320,64,64]->320", [2, 320, 64, 64], 320, 3, 1, 1),
         ("conv3x3 [2,640,32,32]->640", [2, 640, 32, 32], 640, 3, 1, 1),
         ("conv3x3 [2,1280,16,16]->1280", [2, 1280, 16, 16], 1280, 3, 1, 1),
@@ -109,17 +111,58 @@ fn main() {
         }
         time(&format!("{name} kernel"), || cpu::linear::linear(&x, lin.weight(), lin.bias()).unwrap().unwrap());
     }
-    if want("group_norm") {
-        let (x, w, b) = (randn(&[2, 320, 64, 64]), randn(&[320]), randn(&[320]));
-        let plain = candle_nn::GroupNorm::new(w.clone(), b.clone(), 320, 32, 1e-5).unwrap();
+    for (name, shape) in [
+        ("group_norm+silu [2,320,64,64]", [2, 320, 64, 64]),
+        ("group_norm+silu VAE [1,128,512,512]", [1, 128, 512, 512]),
+    ] {
+        if !want(name) {
+            continue;
+        }
+        let c = shape[1];
+        let (x, w, b) = (randn(&shape), randn(&[c]), randn(&[c]));
+        let plain = candle_nn::GroupNorm::new(w.clone(), b.clone(), c, 32, 1e-5).unwrap();
         let vb = candle_nn::VarBuilder::from_tensors(
             [("weight".to_string(), w), ("bias".to_string(), b)].into_iter().collect(),
             DType::F32,
             &Device::Cpu,
         );
-        let fused = cpu::norm::GroupNorm::new(vb, 32, 320, 1e-5).unwrap();
-        time("group_norm+silu [2,320,64,64] candle", || plain.forward(&x).unwrap().silu().unwrap());
-        time("group_norm+silu [2,320,64,64] kernel", || fused.forward_act(&x, Some(Activation::Silu)).unwrap());
+        let fused = cpu::norm::GroupNorm::new(vb, 32, c, 1e-5).unwrap();
+        time(&format!("{name} candle"), || plain.forward(&x).unwrap().silu().unwrap());
+        time(&format!("{name} kernel"), || fused.forward_act(&x, Some(Activation::Silu)).unwrap());
+    }
+    if want("copies") {
+        let x = randn(&[2, 320, 64, 64]);
+        let y = randn(&[2, 320, 64, 64]);
+        let t = randn(&[2, 4096, 320]);
+        time("copies: NCHW->tokens [2,320,64,64]", || {
+            x.permute((0, 2, 3, 1)).unwrap().reshape((2, 4096, 320)).unwrap()
+        });
+        time("copies: split heads [2,4096,320]", || {
+            t.reshape((2, 4096, 8, 40)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap()
+        });
+        time("copies: add [2,320,64,64]", || (&x + &y).unwrap());
+        time("copies: upsample2x [2,320,32,32]", || {
+            let z = x.narrow(2, 0, 32).unwrap().narrow(3, 0, 32).unwrap().contiguous().unwrap();
+            z.unsqueeze(3)
+                .unwrap()
+                .unsqueeze(5)
+                .unwrap()
+                .broadcast_as((2, 320, 32, 2, 32, 2))
+                .unwrap()
+                .reshape((2, 320, 64, 64))
+                .unwrap()
+        });
+        time("copies: cat [2,320,64,64]x2 dim1", || Tensor::cat(&[&x, &y], 1).unwrap());
+    }
+    if want("ff") {
+        let x = randn(&[2, 4096, 320]);
+        let lin = candle_nn::Linear::new((randn(&[2560, 320]) * 0.05).unwrap(), Some(randn(&[2560])));
+        time("ff proj+geglu [2,4096,320]->1280 separate", || {
+            cpu::geglu::geglu(&cpu::linear::linear(&x, lin.weight(), lin.bias()).unwrap().unwrap()).unwrap()
+        });
+        time("ff proj+geglu [2,4096,320]->1280 fused", || {
+            cpu::geglu::linear_geglu(&x, lin.weight(), lin.bias()).unwrap().unwrap()
+        });
     }
     if want("geglu") {
         let h = randn(&[2, 4096, 2560]);

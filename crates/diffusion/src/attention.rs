@@ -53,10 +53,11 @@ impl Attention {
         self.to_out.forward(&out.transpose(1, 2)?.reshape((b, n, h * d))?)
     }
 
-    /// `[B, N, H·d]` to `[B, H, N, d]`.
+    /// `[B, N, H·d]` to `[B, H, N, d]` (a strided view: the CPU kernel reads it in place, the
+    /// other paths copy).
     fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
         let (b, n, inner) = x.dims3()?;
-        x.reshape((b, n, self.heads, inner / self.heads))?.transpose(1, 2)?.contiguous()
+        x.reshape((b, n, self.heads, inner / self.heads))?.transpose(1, 2)
     }
 
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
@@ -76,6 +77,7 @@ impl Attention {
         if let Some(out) = crate::cpu::attention::attention(&q, &k, &v, self.scale)? {
             return out.to_dtype(dtype);
         }
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
         let scores = (q.matmul(&k.t()?)? * self.scale)?;
         softmax_last_dim(&scores)?.matmul(&v)?.to_dtype(dtype)
     }
@@ -109,7 +111,14 @@ impl FeedForward {
 
 impl Module for FeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = crate::cpu::geglu::geglu(&self.proj.forward(x)?)?;
+        let fused = match self.proj.adapters() {
+            [] => crate::cpu::geglu::linear_geglu(x, self.proj.weight(), self.proj.bias())?,
+            _ => None,
+        };
+        let h = match fused {
+            Some(h) => h,
+            None => crate::cpu::geglu::geglu(&self.proj.forward(x)?)?,
+        };
         self.out.forward(&h)
     }
 }

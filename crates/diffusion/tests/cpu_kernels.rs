@@ -39,13 +39,18 @@ fn conv_case(x: &[usize], cout: usize, k: usize, stride: usize, padding: usize, 
         want = want.broadcast_add(&b.reshape((1, cout, 1, 1)).unwrap()).unwrap();
     }
     let err = rel_err(&got, &want);
+    eprintln!("conv {x:?} -> {cout}, k{k} s{stride} p{padding}: rel err {err:.2e}");
     assert!(err < 1e-5, "conv {x:?} -> {cout}, k{k} s{stride} p{padding}: rel err {err}");
 }
 
 #[test]
 fn conv2d_matches_candle() {
-    // Large maps (tiled per image), odd sizes, both paddings, stride 2.
+    // Large maps: 3×3 stride 1 by Winograd F(2×2, 3×3) (odd sizes, both paddings, channels
+    // spanning several blocks); stride 2 and 1×1 tiled per image.
     conv_case(&[2, 5, 37, 29], 7, 3, 1, 1, true);
+    conv_case(&[1, 16, 45, 35], 9, 3, 1, 0, true);
+    conv_case(&[2, 64, 32, 32], 80, 3, 1, 1, true);
+    conv_case(&[1, 300, 33, 31], 70, 3, 1, 1, true);
     conv_case(&[1, 3, 40, 33], 16, 3, 1, 1, true);
     conv_case(&[2, 6, 41, 35], 9, 3, 2, 1, true);
     conv_case(&[1, 6, 41, 36], 9, 3, 2, 0, false);
@@ -145,6 +150,35 @@ fn group_norm_matches_candle() {
     group_norm_case(&[2, 64, 9, 7], 32, true);
     group_norm_case(&[1, 12, 33, 17], 4, true);
     group_norm_case(&[3, 6, 5], 3, false);
+}
+
+#[test]
+fn linear_matches_candle() {
+    for (shape, out, bias) in [(vec![2, 37, 24], 40, true), (vec![5, 24], 7, false), (vec![3, 700, 33], 65, true)] {
+        let x = randn(&shape, 60);
+        let inp = *shape.last().unwrap();
+        let (w, b) = (randn(&[out, inp], 61), randn(&[out], 62));
+        let got = cpu::linear::linear(&x, &w, bias.then_some(&b)).unwrap().expect("kernel applies");
+        let want = candle_nn::Linear::new(w, bias.then_some(b)).forward(&x).unwrap();
+        let err = rel_err(&got, &want);
+        assert!(err < 1e-5, "linear {shape:?} -> {out}: rel err {err}");
+    }
+}
+
+#[test]
+fn linear_geglu_matches_composition() {
+    // Several row bands and a last column chunk narrower than the others.
+    for (shape, half) in [(vec![2, 1100, 24], 72), (vec![3, 40], 200)] {
+        let x = randn(&shape, 70);
+        let inp = *shape.last().unwrap();
+        let (w, b) = (randn(&[2 * half, inp], 71), randn(&[2 * half], 72));
+        let got = cpu::geglu::linear_geglu(&x, &w, Some(&b)).unwrap().expect("kernel applies");
+        let h = candle_nn::Linear::new(w, Some(b)).forward(&x).unwrap();
+        let (a, gate) = (h.narrow(D::Minus1, 0, half).unwrap(), h.narrow(D::Minus1, half, half).unwrap());
+        let want = (a * gate.gelu_erf().unwrap()).unwrap();
+        let err = rel_err(&got, &want);
+        assert!(err < 1e-5, "linear+geglu {shape:?} -> {half}: rel err {err}");
+    }
 }
 
 #[test]

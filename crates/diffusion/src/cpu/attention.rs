@@ -97,6 +97,7 @@ impl Strided {
 }
 
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)] // register tiles index several arrays by row and vector
 mod x86 {
     use std::arch::x86_64::*;
     use std::cell::RefCell;
@@ -106,9 +107,29 @@ mod x86 {
     use super::{BC, BR, Strided};
     use crate::cpu::SendPtr;
 
-    /// Rows per score tile and per `P·V` tile.
+    /// Rows per score tile.
     const RS: usize = 8;
-    const RP: usize = 4;
+
+    /// Vectors of `d` per `P·V` chunk and rows per tile for `left` vectors still to do: about
+    /// 24 accumulators, and as many rows as possible so that each loaded `V` vector feeds more
+    /// FMAs (large `d` is otherwise bound by L2 bandwidth).
+    fn pv_shape(left: usize) -> (usize, usize) {
+        match left {
+            5 => (5, 4),
+            4 => (4, 6),
+            n if n >= 3 => (3, 8),
+            n => (n, 8),
+        }
+    }
+
+    macro_rules! pv_dispatch {
+        ($r:expr, $nv:expr, $args:expr; $($nvv:literal: $($rr:literal)*);*) => {
+            match ($nv, $r) {
+                $($(($nvv, $rr) => pv_tile::<$rr, $nvv>($args),)*)*
+                _ => unreachable!("no P·V tile for {} rows × {} vectors", $r, $nv),
+            }
+        };
+    }
     /// Keys per packed panel.
     const PANEL: usize = 32;
 
@@ -151,7 +172,6 @@ mod x86 {
         (0..b * h * blocks).into_par_iter().for_each(|task| {
             let (bh, blk) = (task / blocks, task % blocks);
             let (q0, rows) = (blk * BR, BR.min(n - blk * BR));
-            let out_ptr = out_ptr;
             BUFFERS.with_borrow_mut(|bufs| unsafe {
                 query_block(
                     q,
@@ -161,7 +181,7 @@ mod x86 {
                     (q0, rows),
                     (n, h, m, d),
                     scale2,
-                    out_ptr.0,
+                    out_ptr.get(),
                     bufs,
                 )
             });
@@ -225,46 +245,44 @@ mod x86 {
                     i += r;
                 }
             }
-            // Online softmax, row by row.
-            for i in 0..rows {
-                let row = unsafe { s.add(i * BC) };
-                let (m_new, a, add) = unsafe { softmax_block(row, bc, mx[i]) };
-                alpha[i] = a;
-                sum[i] = sum[i] * a + add;
+            // Online softmax: block maxima row by row, the running max and rescale factors for
+            // all rows at once (off the rows' dependency chains), then the exponentials.
+            let mut m_blk = [f32::NEG_INFINITY; BR];
+            for (i, m) in m_blk.iter_mut().enumerate().take(rows) {
+                *m = unsafe { row_max(s.add(i * BC), bc) };
+            }
+            for i in 0..BR {
+                let m_new = mx[i].max(m_blk[i]);
+                m_blk[i] = m_new;
+                // 2^(m_old - m_new): 0 on the first block (m_old = -inf).
+                alpha[i] =
+                    if mx[i] == m_new { 1.0 } else { unsafe { _mm512_cvtss_f32(exp2(_mm512_set1_ps(mx[i] - m_new))) } };
                 mx[i] = m_new;
+            }
+            for i in 0..rows {
+                let add = unsafe { exp_row(s.add(i * BC), bc, mx[i]) };
+                sum[i] = sum[i] * alpha[i] + add;
             }
             // o = o · alpha + P · V[j0..j0 + bc].
             let vb = v.row(bi, hi, j0);
             let vs = v.s[2];
             let mut c = 0;
             while c < nvec {
-                let nv = 4.min(nvec - c);
+                let (nv, rp) = pv_shape(nvec - c);
                 let mask = if c + nv == nvec { tail } else { 0xffff };
                 let mut i = 0;
                 while i < rows {
-                    let r = RP.min(rows - i);
+                    let r = rp.min(rows - i);
                     let args: PvArgs = unsafe {
                         (s.add(i * BC), vb.add(c * 16), vs, bc, o.add(i * dp + c * 16), dp, alpha.as_ptr().add(i), mask)
                     };
                     unsafe {
-                        match (r, nv) {
-                            (4, 4) => pv_tile::<4, 4>(args),
-                            (4, 3) => pv_tile::<4, 3>(args),
-                            (4, 2) => pv_tile::<4, 2>(args),
-                            (4, _) => pv_tile::<4, 1>(args),
-                            (3, 4) => pv_tile::<3, 4>(args),
-                            (3, 3) => pv_tile::<3, 3>(args),
-                            (3, 2) => pv_tile::<3, 2>(args),
-                            (3, _) => pv_tile::<3, 1>(args),
-                            (2, 4) => pv_tile::<2, 4>(args),
-                            (2, 3) => pv_tile::<2, 3>(args),
-                            (2, 2) => pv_tile::<2, 2>(args),
-                            (2, _) => pv_tile::<2, 1>(args),
-                            (_, 4) => pv_tile::<1, 4>(args),
-                            (_, 3) => pv_tile::<1, 3>(args),
-                            (_, 2) => pv_tile::<1, 2>(args),
-                            (_, _) => pv_tile::<1, 1>(args),
-                        }
+                        pv_dispatch!(r, nv, args;
+                            1: 1 2 3 4 5 6 7 8;
+                            2: 1 2 3 4 5 6 7 8;
+                            3: 1 2 3 4 5 6 7 8;
+                            4: 1 2 3 4 5 6;
+                            5: 1 2 3 4)
                     }
                     i += r;
                 }
@@ -272,8 +290,8 @@ mod x86 {
             }
         }
         // out[bi, q0 + i, hi, :] = o[i] / sum[i]
-        for i in 0..rows {
-            let inv = 1.0 / sum[i];
+        for (i, &total) in sum.iter().enumerate().take(rows) {
+            let inv = 1.0 / total;
             let dst = unsafe { out.add(((bi * n + q0 + i) * h + hi) * d) };
             for c in 0..d {
                 unsafe { *dst.add(c) = *o.add(i * dp + c) * inv };
@@ -306,57 +324,88 @@ mod x86 {
         }
     }
 
-    /// Turns one row of `bc` scores (log2 domain) into `2^(s - m_new)` in place; returns
-    /// `(m_new, 2^(m_old - m_new), Σ 2^(s - m_new))`.
+    /// The largest of one row's `bc` scores.
     ///
     /// # Safety
     /// AVX-512F; `row` addresses `bc` values.
     #[inline(always)]
-    unsafe fn softmax_block(row: *mut f32, bc: usize, m_old: f32) -> (f32, f32, f32) {
+    unsafe fn row_max(row: *const f32, bc: usize) -> f32 {
         unsafe {
             let (full, rem) = (bc / 16, bc % 16);
-            let tail: __mmask16 = ((1u32 << rem) - 1) as u16;
-            let mut vmax = _mm512_set1_ps(f32::NEG_INFINITY);
-            for t in 0..full {
-                vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(row.add(t * 16)));
+            let (mut m0, mut m1) = (_mm512_set1_ps(f32::NEG_INFINITY), _mm512_set1_ps(f32::NEG_INFINITY));
+            let mut t = 0;
+            while t + 1 < full {
+                m0 = _mm512_max_ps(m0, _mm512_loadu_ps(row.add(t * 16)));
+                m1 = _mm512_max_ps(m1, _mm512_loadu_ps(row.add(t * 16 + 16)));
+                t += 2;
+            }
+            if t < full {
+                m0 = _mm512_max_ps(m0, _mm512_loadu_ps(row.add(t * 16)));
             }
             if rem > 0 {
-                let x = _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), tail, row.add(full * 16));
-                vmax = _mm512_max_ps(vmax, x);
+                let tail: __mmask16 = ((1u32 << rem) - 1) as u16;
+                m1 = _mm512_max_ps(
+                    m1,
+                    _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), tail, row.add(full * 16)),
+                );
             }
-            let m_new = m_old.max(_mm512_reduce_max_ps(vmax));
-            let mv = _mm512_set1_ps(m_new);
-            let mut vsum = _mm512_setzero_ps();
-            for t in 0..full {
-                let p = exp2(_mm512_sub_ps(_mm512_loadu_ps(row.add(t * 16)), mv));
-                _mm512_storeu_ps(row.add(t * 16), p);
-                vsum = _mm512_add_ps(vsum, p);
-            }
-            if rem > 0 {
-                let x = _mm512_maskz_loadu_ps(tail, row.add(full * 16));
-                let p = _mm512_maskz_mov_ps(tail, exp2(_mm512_sub_ps(x, mv)));
-                _mm512_mask_storeu_ps(row.add(full * 16), tail, p);
-                vsum = _mm512_add_ps(vsum, p);
-            }
-            (m_new, (m_old - m_new).exp2(), _mm512_reduce_add_ps(vsum))
+            _mm512_reduce_max_ps(_mm512_max_ps(m0, m1))
         }
     }
 
-    /// `2^x` (relative error about 1e-7; `x` below -127 gives a denormal or 0).
+    /// Replaces one row's `bc` scores (log2 domain) by `2^(s - m)` and returns their sum.
+    ///
+    /// # Safety
+    /// AVX-512F; `row` addresses `bc` values.
+    #[inline(always)]
+    unsafe fn exp_row(row: *mut f32, bc: usize, m: f32) -> f32 {
+        unsafe {
+            let (full, rem) = (bc / 16, bc % 16);
+            let mv = _mm512_set1_ps(m);
+            let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            let mut t = 0;
+            while t + 1 < full {
+                let p0 = exp2(_mm512_sub_ps(_mm512_loadu_ps(row.add(t * 16)), mv));
+                let p1 = exp2(_mm512_sub_ps(_mm512_loadu_ps(row.add(t * 16 + 16)), mv));
+                _mm512_storeu_ps(row.add(t * 16), p0);
+                _mm512_storeu_ps(row.add(t * 16 + 16), p1);
+                s0 = _mm512_add_ps(s0, p0);
+                s1 = _mm512_add_ps(s1, p1);
+                t += 2;
+            }
+            if t < full {
+                let p = exp2(_mm512_sub_ps(_mm512_loadu_ps(row.add(t * 16)), mv));
+                _mm512_storeu_ps(row.add(t * 16), p);
+                s0 = _mm512_add_ps(s0, p);
+            }
+            if rem > 0 {
+                let tail: __mmask16 = ((1u32 << rem) - 1) as u16;
+                let x = _mm512_maskz_loadu_ps(tail, row.add(full * 16));
+                let p = _mm512_maskz_mov_ps(tail, exp2(_mm512_sub_ps(x, mv)));
+                _mm512_mask_storeu_ps(row.add(full * 16), tail, p);
+                s1 = _mm512_add_ps(s1, p);
+            }
+            _mm512_reduce_add_ps(_mm512_add_ps(s0, s1))
+        }
+    }
+
+    /// `2^x`, relative error about 1e-7; exactly 0 for `x < -126` (and -inf), so that no
+    /// denormal is produced (each costs a slow microcode assist).
     ///
     /// # Safety
     /// AVX-512F.
     #[inline(always)]
     unsafe fn exp2(x: __m512) -> __m512 {
         unsafe {
-            let x = _mm512_max_ps(x, _mm512_set1_ps(-127.0));
+            let normal = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(-126.0));
+            let x = _mm512_max_ps(x, _mm512_set1_ps(-126.0));
             let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
             let f = _mm512_sub_ps(x, n);
             let mut p = _mm512_set1_ps(1.525_273_4e-5);
             for c in [1.540_353e-4, 1.333_355_8e-3, 9.618_129e-3, 5.550_411e-2, 2.402_265e-1, 6.931_472e-1, 1.0] {
                 p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
             }
-            _mm512_scalef_ps(p, n)
+            _mm512_maskz_mov_ps(normal, _mm512_scalef_ps(p, n))
         }
     }
 

@@ -209,9 +209,7 @@ fn im2col(
 /// Large maps: tasks are (image, band of output rows), each one product into the output.
 fn conv_tiled(xp: &[f32], wt: &[f32], bias: &[f32], g: &Geometry, out: &mut [f32]) {
     let (hw_o, kdim) = (g.ho * g.wo, g.kdim());
-    let tb: usize = std::env::var("TB").ok().and_then(|v| v.parse().ok()).unwrap_or(TILE_BYTES);
-    let mx: usize = std::env::var("TMAX").ok().and_then(|v| v.parse().ok()).unwrap_or(1024);
-    let target_cols = if g.pointwise() { 1024 } else { (tb / 4 / kdim).clamp(64, mx) };
+    let target_cols = if g.pointwise() { 1024 } else { (TILE_BYTES / 4 / kdim).clamp(64, 1024) };
     let mut rows = target_cols.div_ceil(g.wo).clamp(1, g.ho);
     // Enough tasks to keep every thread busy, even for one image.
     let min_tasks = 4 * threads();
@@ -224,9 +222,8 @@ fn conv_tiled(xp: &[f32], wt: &[f32], bias: &[f32], g: &Geometry, out: &mut [f32
         let (img, band) = (task / bands, task % bands);
         let (oy0, oy1) = (band * rows, ((band + 1) * rows).min(g.ho));
         let n = (oy1 - oy0) * g.wo;
-        let out_ptr = out_ptr;
         // SAFETY: each task writes only its own rows oy0..oy1 of image img.
-        let dst = unsafe { out_ptr.0.add(img * g.cout * hw_o + oy0 * g.wo) };
+        let dst = unsafe { out_ptr.get().add(img * g.cout * hw_o + oy0 * g.wo) };
         for (co, &bv) in bias.iter().enumerate() {
             unsafe { std::slice::from_raw_parts_mut(dst.add(co * hw_o), n).fill(bv) };
         }
@@ -273,11 +270,10 @@ fn conv_batched(xp: &[f32], wt: &[f32], bias: &[f32], g: &Geometry, out: &mut [f
     let chunk = g.cout.div_ceil(2 * threads()).next_multiple_of(16).min(g.cout);
     (0..g.cout.div_ceil(chunk)).into_par_iter().for_each(|i| {
         let (m0, m1) = (i * chunk, ((i + 1) * chunk).min(g.cout));
-        let dst_all = dst_all;
         // SAFETY: each task writes only output channels m0..m1.
-        let dst = unsafe { dst_all.0.add(m0 * dst_rs) };
-        for co in m0..m1 {
-            unsafe { std::slice::from_raw_parts_mut(dst.add((co - m0) * dst_rs), n).fill(bias[co]) };
+        let dst = unsafe { dst_all.get().add(m0 * dst_rs) };
+        for (co, &bv) in bias[m0..m1].iter().enumerate() {
+            unsafe { std::slice::from_raw_parts_mut(dst.add(co * dst_rs), n).fill(bv) };
         }
         unsafe {
             sgemm((m1 - m0, n, kdim), dst, dst_rs, true, (wt[m0 * kdim..].as_ptr(), kdim, 1), (cols.as_ptr(), n, 1), 1)

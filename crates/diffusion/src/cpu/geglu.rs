@@ -6,6 +6,7 @@ use rayon::prelude::*;
 
 use super::simd::{gelu_erf, multiversion};
 use super::{f32_data, inference, profile};
+use rayon::iter::{IntoParallelIterator, ParallelIterator};
 
 /// GEGLU of `h` `[…, 2I]` to `[…, I]`, with the exact (erf) gelu.
 pub fn geglu(h: &Tensor) -> Result<Tensor> {
@@ -37,9 +38,9 @@ impl CustomOp1 for GegluOp {
         let half = *last;
         let h = f32_data(s, l)?;
         let mut out = vec![0f32; h.len() / 2];
-        if half > 0 {
-            // About 64 KiB of output per task.
-            let rows = (16384 / half).max(1);
+        // About 64 KiB of output per task.
+        if let Some(rows) = 16384usize.checked_div(half) {
+            let rows = rows.max(1);
             out.par_chunks_mut(rows * half).zip(h.par_chunks(rows * 2 * half)).for_each(|(dst, src)| {
                 for (d, s) in dst.chunks_exact_mut(half).zip(src.chunks_exact(2 * half)) {
                     row(d, s);
@@ -55,6 +56,108 @@ multiversion! {
         let (x, gate) = src.split_at(dst.len());
         for ((d, &x), &g) in dst.iter_mut().zip(x).zip(gate) {
             *d = x * gelu_erf(g);
+        }
+    }
+}
+
+/// `geglu(x Wᵀ + b)` for `x` `[…, C]`, `weight` `[2I, C]`, `bias` `[2I]` in one kernel: row
+/// bands × column chunks, each computing its value and gate columns into a cache-sized buffer
+/// and writing only the `[…, I]` result (the `[…, 2I]` projection is never stored). `None`
+/// where it does not apply (tracked gradients, not f32, not on the CPU).
+pub fn linear_geglu(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
+    let mut args = vec![x, weight];
+    args.extend(bias);
+    if !inference(&args) || args.iter().any(|t| t.dtype() != DType::F32) || x.rank() < 2 || weight.rank() != 2 {
+        return Ok(None);
+    }
+    let (out2, inp) = weight.dims2()?;
+    if x.dim(D::Minus1)? != inp || out2 % 2 != 0 {
+        return Ok(None);
+    }
+    let _p = profile::scope_flops("linear+geglu", 2.0 * (x.elem_count() * out2) as f64);
+    let bias = match bias {
+        Some(b) if b.dims() == [out2] => b.contiguous()?,
+        Some(_) => return Ok(None),
+        None => Tensor::zeros(out2, DType::F32, x.device())?,
+    };
+    Ok(Some(x.contiguous()?.apply_op3_no_bwd(&weight.contiguous()?, &bias, &LinearGegluOp)?))
+}
+
+/// [`linear_geglu`] as a candle op on contiguous f32 `(x, weight, bias)`.
+#[derive(Debug, Clone, Copy)]
+pub struct LinearGegluOp;
+
+/// Rows per band and value columns per chunk (tall, narrow products suit `gemm` best here).
+const ROWS: usize = 1024;
+const COLS: usize = 64;
+
+thread_local! {
+    static BUF: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl candle_core::CustomOp3 for LinearGegluOp {
+    fn name(&self) -> &'static str {
+        "easyphoto-linear-geglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (out2, inp) = wl.shape().dims2()?;
+        let half = out2 / 2;
+        let (x, w, b) = (f32_data(xs, xl)?, f32_data(ws, wl)?, f32_data(bs, bl)?);
+        let rows = x.len() / inp.max(1);
+        let mut y = vec![0f32; rows * half];
+        let (rr, cc) = (ROWS, COLS);
+        let (bands, chunks) = (rows.div_ceil(rr), half.div_ceil(cc));
+        let y_ptr = super::SendPtr(y.as_mut_ptr());
+        (0..bands * chunks).into_par_iter().for_each(|task| {
+            let (band, chunk) = (task / chunks, task % chunks);
+            let (r0, r1) = (band * rr, ((band + 1) * rr).min(rows));
+            let (j0, j1) = (chunk * cc, ((chunk + 1) * cc).min(half));
+            let (nr, nj) = (r1 - r0, j1 - j0);
+            BUF.with_borrow_mut(|buf| {
+                buf.resize(nr * 2 * nj, 0.0);
+                let xa = (x[r0 * inp..].as_ptr(), inp, 1);
+                for (part, w0) in [(0, j0), (nj, half + j0)] {
+                    // SAFETY: the slices hold the addressed matrices; buf is this thread's.
+                    unsafe {
+                        super::gemm::sgemm(
+                            (nr, nj, inp),
+                            buf[part..].as_mut_ptr(),
+                            2 * nj,
+                            false,
+                            xa,
+                            (w[w0 * inp..].as_ptr(), 1, inp),
+                            1,
+                        )
+                    };
+                }
+                for (r, h) in buf.chunks_exact(2 * nj).enumerate() {
+                    // SAFETY: row r0 + r, columns j0..j1 of the output belong to this task.
+                    let dst = unsafe { std::slice::from_raw_parts_mut(y_ptr.get().add((r0 + r) * half + j0), nj) };
+                    row_biased(dst, h, &b[j0..j1], &b[half + j0..half + j1]);
+                }
+            });
+        });
+        let mut dims = xl.dims().to_vec();
+        *dims.last_mut().unwrap_or(&mut 0) = half;
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+}
+
+multiversion! {
+    /// `dst = (h[..n] + bv) · gelu(h[n..] + bg)`.
+    fn row_biased(dst: &mut [f32], h: &[f32], bv: &[f32], bg: &[f32]) {
+        let (x, gate) = h.split_at(dst.len());
+        for ((((d, &x), &g), &bv), &bg) in dst.iter_mut().zip(x).zip(gate).zip(bv).zip(bg) {
+            *d = (x + bv) * gelu_erf(g + bg);
         }
     }
 }

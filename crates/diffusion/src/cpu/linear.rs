@@ -25,6 +25,31 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Opti
     Ok(Some(x.contiguous()?.apply_op3_no_bwd(&weight.contiguous()?, &bias, &LinearOp)?))
 }
 
+/// Row bands × column chunks for a `rows × out` product on `threads` threads: at least four
+/// tasks per thread, bands of at most 1024 rows, and, among those, the split that repacks the
+/// least (each task packs its rows of `x` and its columns of `W`).
+fn grid(rows: usize, out: usize, threads: usize) -> (usize, usize) {
+    let target = 4 * threads;
+    let min_bands = rows.div_ceil(1024).max(1);
+    let mut best = (min_bands.max(target), 1);
+    let mut best_cost = usize::MAX;
+    let mut rb = 1;
+    while rb <= rows.max(1) {
+        if rb >= min_bands {
+            let cb = target.div_ceil(rb).min(out.div_ceil(16)).max(1);
+            let cost = rb * out + cb * rows;
+            if rb * cb >= target.min(rows.div_ceil(16) * out.div_ceil(16)) && cost < best_cost {
+                (best, best_cost) = ((rb, cb), cost);
+            }
+        }
+        if rb >= target && rb >= min_bands {
+            break;
+        }
+        rb *= 2;
+    }
+    best
+}
+
 /// The kernel as a candle op on contiguous f32 `(x [.., in], weight [out, in], bias [out])`.
 #[derive(Debug, Clone, Copy)]
 pub struct LinearOp;
@@ -47,19 +72,22 @@ impl CustomOp3 for LinearOp {
         let (x, w, b) = (f32_data(xs, xl)?, f32_data(ws, wl)?, f32_data(bs, bl)?);
         let rows = x.len() / inp.max(1);
         let mut y = vec![0f32; rows * out];
-        // Row bands: enough for every thread, at most 1024 rows (gemm packs the weight per band).
-        let band = (rows / (4 * threads())).clamp(32, 1024).next_multiple_of(16).min(rows.max(1));
-        let bands = rows.div_ceil(band);
+        let (rb, cb) = grid(rows, out, threads());
+        let (band, chunk) = (rows.div_ceil(rb), out.div_ceil(cb));
         let y_ptr = SendPtr(y.as_mut_ptr());
-        (0..bands).into_par_iter().for_each(|i| {
-            let (r0, r1) = (i * band, ((i + 1) * band).min(rows));
-            let y_ptr = y_ptr;
-            // SAFETY: each band writes only its own rows r0..r1.
-            let dst = unsafe { y_ptr.0.add(r0 * out) };
-            for r in 0..r1 - r0 {
-                unsafe { std::slice::from_raw_parts_mut(dst.add(r * out), out).copy_from_slice(b) };
+        (0..rb * cb).into_par_iter().for_each(|task| {
+            let (r0, c0) = ((task / cb) * band, (task % cb) * chunk);
+            let (nr, nc) = (band.min(rows.saturating_sub(r0)), chunk.min(out.saturating_sub(c0)));
+            if nr == 0 || nc == 0 {
+                return;
             }
-            unsafe { sgemm((r1 - r0, out, inp), dst, out, true, (x[r0 * inp..].as_ptr(), inp, 1), (w.as_ptr(), 1, inp), 1) };
+            // SAFETY: each task writes only its own rows r0.. and columns c0.. of y.
+            let dst = unsafe { y_ptr.get().add(r0 * out + c0) };
+            for r in 0..nr {
+                unsafe { std::slice::from_raw_parts_mut(dst.add(r * out), nc).copy_from_slice(&b[c0..c0 + nc]) };
+            }
+            let (xa, wb) = (x[r0 * inp..].as_ptr(), w[c0 * inp..].as_ptr());
+            unsafe { sgemm((nr, nc, inp), dst, out, true, (xa, inp, 1), (wb, 1, inp), 1) };
         });
         let mut dims = xl.dims().to_vec();
         *dims.last_mut().unwrap() = out;

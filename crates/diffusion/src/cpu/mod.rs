@@ -79,3 +79,10 @@ fn threads() -> usize {
 struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// The pointer (a method, so that closures capture the `Send` wrapper, not the field).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}

@@ -106,10 +106,8 @@ impl CustomOp3 for GroupNormOp {
 multiversion! {
     /// Normalises one group (`w.len()` channels of `spatial` values each).
     fn group(src: &[f32], dst: &mut [f32], w: &[f32], b: &[f32], spatial: usize, eps: f32, act: bool) {
-        let n = src.len() as f64;
-        let mean = (sum(src) / n) as f32;
-        let var = sum_sq_dev(src, mean) / n;
-        let rstd = 1.0 / (var as f32 + eps).sqrt();
+        let (mean, var) = moments(src);
+        let rstd = 1.0 / (var + eps).sqrt();
         for ((s, d), (&wc, &bc)) in src.chunks_exact(spatial).zip(dst.chunks_exact_mut(spatial)).zip(w.iter().zip(b)) {
             let scale = wc * rstd;
             let shift = bc - mean * scale;
@@ -126,31 +124,36 @@ multiversion! {
     }
 }
 
-/// `Σ x`: 16 f32 lanes per 4096-value block, blocks added in f64.
+/// Mean and (biased) variance in one pass: sums of `x - k` and `(x - k)²` with `k` the mean of
+/// the first values (so that the variance does not cancel), 16 f32 lanes per 4096-value block,
+/// blocks added in f64.
 #[inline(always)]
-fn sum(x: &[f32]) -> f64 {
-    blocked_sum(x, |v| v)
-}
-
-/// `Σ (x - mean)²`, summed like [`sum`].
-#[inline(always)]
-fn sum_sq_dev(x: &[f32], mean: f32) -> f64 {
-    blocked_sum(x, |v| (v - mean) * (v - mean))
-}
-
-#[inline(always)]
-fn blocked_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f64 {
-    let mut total = 0f64;
+fn moments(x: &[f32]) -> (f32, f32) {
+    if x.is_empty() {
+        return (0.0, 0.0);
+    }
+    let head = &x[..x.len().min(256)];
+    let k = (head.iter().map(|&v| v as f64).sum::<f64>() / head.len() as f64) as f32;
+    let (mut s1, mut s2) = (0f64, 0f64);
     for block in x.chunks(4096) {
-        let mut acc = [0f32; 16];
+        let (mut a1, mut a2) = ([0f32; 16], [0f32; 16]);
         let chunks = block.chunks_exact(16);
-        total += chunks.remainder().iter().map(|&v| f(v) as f64).sum::<f64>();
+        for &v in chunks.remainder() {
+            let d = (v - k) as f64;
+            s1 += d;
+            s2 += d * d;
+        }
         for c in chunks {
-            for (a, &v) in acc.iter_mut().zip(c) {
-                *a += f(v);
+            for ((a1, a2), &v) in a1.iter_mut().zip(a2.iter_mut()).zip(c) {
+                let d = v - k;
+                *a1 += d;
+                *a2 += d * d;
             }
         }
-        total += acc.iter().map(|&a| a as f64).sum::<f64>();
+        s1 += a1.iter().map(|&a| a as f64).sum::<f64>();
+        s2 += a2.iter().map(|&a| a as f64).sum::<f64>();
     }
-    total
+    let n = x.len() as f64;
+    let d_mean = s1 / n;
+    ((k as f64 + d_mean) as f32, (s2 / n - d_mean * d_mean).max(0.0) as f32)
 }

@@ -63,6 +63,7 @@ pub(super) use multiversion;
 
 /// `e^x`, relative error about 2e-7 (Cephes `expf`); inputs are clamped to [-87, 88].
 #[inline(always)]
+#[allow(clippy::manual_clamp)] // max/min vectorise without clamp's NaN handling
 pub(super) fn exp(x: f32) -> f32 {
     let x = x.max(-87.0).min(88.0);
     let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
@@ -72,7 +73,7 @@ pub(super) fn exp(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
     y * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
@@ -86,6 +87,7 @@ pub(super) fn silu(x: f32) -> f32 {
 /// The error function, absolute error below 1e-6 (the rational approximation of Eigen's
 /// `generic_fast_erf_float`).
 #[inline(always)]
+#[allow(clippy::manual_clamp)] // max/min vectorise without clamp's NaN handling
 pub(super) fn erf(x: f32) -> f32 {
     let x = x.max(-4.0).min(4.0);
     let x2 = x * x;
@@ -94,7 +96,7 @@ pub(super) fn erf(x: f32) -> f32 {
     p = p * x2 + -2.101_024_1e-6;
     p = p * x2 + -5.692_506_4e-5;
     p = p * x2 + -7.349_906_3e-4;
-    p = p * x2 + -2.954_600_0e-3;
+    p = p * x2 + -2.954_6e-3;
     p = p * x2 + -1.609_603_3e-2;
     let mut q = -1.456_607_2e-5f32;
     q = q * x2 + -2.133_740_6e-4;

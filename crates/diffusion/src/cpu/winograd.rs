@@ -11,6 +11,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
+use super::simd::multiversion;
 use super::{SendPtr, gemm::sgemm, threads};
 
 /// Convolution geometry: batch, channels in/out, input size, padding; the output is
@@ -26,7 +27,7 @@ pub(super) struct Shape {
 }
 
 thread_local! {
-    static BUFS: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    static BUFS: RefCell<(Vec<f32>, Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
 /// Bytes of transformed input per block of tiles.
@@ -38,14 +39,6 @@ pub(super) fn conv3x3(x: &[f32], wt: &[f32], bias: &[f32], s: &Shape, out: &mut 
     let (tyn, txn) = (ho.div_ceil(2), wo.div_ceil(2));
     let tiles_per_img = tyn * txn;
     let tiles = s.b * tiles_per_img;
-    // Input padded by p on the top/left and enough zeros on the bottom/right for whole tiles.
-    let (hp, wp) = (2 * tyn + 2, 2 * txn + 2);
-    let mut xp = vec![0f32; s.b * s.cin * hp * wp];
-    xp.par_chunks_mut(hp * wp).zip(x.par_chunks(s.h * s.w)).for_each(|(dst, src)| {
-        for (y, row) in src.chunks(s.w).enumerate() {
-            dst[(y + s.p) * wp + s.p..][..s.w].copy_from_slice(row);
-        }
-    });
     let u = transform_weights(wt, s.cout, s.cin);
 
     let tb = (BLOCK_BYTES / (64 * s.cin)).clamp(64, 512).min(tiles.next_multiple_of(16));
@@ -60,19 +53,18 @@ pub(super) fn conv3x3(x: &[f32], wt: &[f32], bias: &[f32], s: &Shape, out: &mut 
         let (t0, t1) = (blk * tb, ((blk + 1) * tb).min(tiles));
         let (c0, c1) = (split * cc, ((split + 1) * cc).min(s.cout));
         let n = t1 - t0;
-        let out_ptr = out_ptr;
-        BUFS.with_borrow_mut(|(v, m)| {
+        BUFS.with_borrow_mut(|(v, m, scratch)| {
             v.resize(16 * s.cin * n, 0.0);
             m.resize(16 * (c1 - c0) * n, 0.0);
-            transform_input(&xp, s, (hp, wp), (txn, tiles_per_img), (t0, t1), v);
+            transform_input(x, s, (txn, tiles_per_img), (t0, t1), v, scratch);
             for xi in 0..16 {
                 let (a, b) = (u[(xi * s.cout + c0) * s.cin..].as_ptr(), v[xi * s.cin * n..].as_ptr());
                 let dst = m[xi * (c1 - c0) * n..].as_mut_ptr();
                 // SAFETY: the slices hold the addressed matrices; dst is this task's buffer.
                 unsafe { sgemm((c1 - c0, n, s.cin), dst, n, false, (a, s.cin, 1), (b, n, 1), 1) };
             }
-            // SAFETY: each task writes only its own tiles of output channels c0..c1.
-            unsafe { transform_output(m, &bias[c0..c1], (c0, s.cout), (ho, wo, txn, tiles_per_img), (t0, t1), out_ptr.0) };
+            // Each task writes only its own tiles of output channels c0..c1.
+            transform_output(m, &bias[c0..c1], (c0, s.cout), (ho, wo, txn, tiles_per_img), (t0, t1), out_ptr, scratch);
         });
     });
 }
@@ -81,113 +73,207 @@ pub(super) fn conv3x3(x: &[f32], wt: &[f32], bias: &[f32], s: &Shape, out: &mut 
 fn transform_weights(wt: &[f32], cout: usize, cin: usize) -> Vec<f32> {
     let mut u = vec![0f32; 16 * cout * cin];
     let u_ptr = SendPtr(u.as_mut_ptr());
-    (0..cout).into_par_iter().for_each(|co| {
-        let u_ptr = u_ptr;
-        for ci in 0..cin {
-            let g = &wt[(co * cin + ci) * 9..][..9];
+    wt.par_chunks(9 * cin).enumerate().for_each(|(co, g)| {
+        let mut local = vec![0f32; 16 * cin];
+        transform_weight_row(g, &mut local);
+        for (xi, row) in local.chunks_exact(cin).enumerate() {
+            // SAFETY: row co of plane xi is written by this task only.
+            unsafe {
+                std::slice::from_raw_parts_mut(u_ptr.get().add((xi * cout + co) * cin), cin).copy_from_slice(row)
+            };
+        }
+    });
+    u
+}
+
+multiversion! {
+    /// The 16 transformed values of each of the `C_in` 3×3 kernels of one output channel
+    /// (`g` `[C_in, 9]`), into `u` `[16, C_in]`.
+    fn transform_weight_row(g: &[f32], u: &mut [f32]) {
+        let cin = g.len() / 9;
+        for (ci, k) in g.chunks_exact(9).enumerate() {
             // t = G g (4×3), then t Gᵀ (4×4).
             let mut t = [[0f32; 3]; 4];
             for j in 0..3 {
-                let (g0, g1, g2) = (g[j], g[3 + j], g[6 + j]);
+                let (g0, g1, g2) = (k[j], k[3 + j], k[6 + j]);
                 t[0][j] = g0;
                 t[1][j] = 0.5 * (g0 + g1 + g2);
                 t[2][j] = 0.5 * (g0 - g1 + g2);
                 t[3][j] = g2;
             }
             for (i, r) in t.iter().enumerate() {
-                let row = [r[0], 0.5 * (r[0] + r[1] + r[2]), 0.5 * (r[0] - r[1] + r[2]), r[2]];
-                for (j, &val) in row.iter().enumerate() {
-                    // SAFETY: distinct (co, ci) per write; co is this task's.
-                    unsafe { *u_ptr.0.add(((i * 4 + j) * cout + co) * cin + ci) = val };
-                }
+                u[(4 * i) * cin + ci] = r[0];
+                u[(4 * i + 1) * cin + ci] = 0.5 * (r[0] + r[1] + r[2]);
+                u[(4 * i + 2) * cin + ci] = 0.5 * (r[0] - r[1] + r[2]);
+                u[(4 * i + 3) * cin + ci] = r[2];
             }
         }
-    });
-    u
+    }
 }
 
-/// `V_ξ[ci][t - t0] = (Bᵀ d B)_ξ` for the 4×4 input tile `d` of tiles `t0..t1`.
-fn transform_input(
-    xp: &[f32],
-    s: &Shape,
-    (hp, wp): (usize, usize),
+/// The tiles `t0..t1` as runs along one tile row: `(image, tile row, first tile column,
+/// run length, offset of the run in the block)`.
+fn runs(
     (txn, tiles_per_img): (usize, usize),
     (t0, t1): (usize, usize),
-    v: &mut [f32],
-) {
-    let n = t1 - t0;
-    let plane = s.cin * n;
-    for ci in 0..s.cin {
-        for t in t0..t1 {
-            let (img, r) = (t / tiles_per_img, t % tiles_per_img);
-            let (ty, tx) = (r / txn, r % txn);
-            let base = ((img * s.cin + ci) * hp + 2 * ty) * wp + 2 * tx;
-            let mut d = [[0f32; 4]; 4];
-            for (i, row) in d.iter_mut().enumerate() {
-                row.copy_from_slice(&xp[base + i * wp..][..4]);
-            }
-            // Bᵀ d: rows d0 - d2, d1 + d2, d2 - d1, d1 - d3.
-            let mut bd = [[0f32; 4]; 4];
-            for j in 0..4 {
-                bd[0][j] = d[0][j] - d[2][j];
-                bd[1][j] = d[1][j] + d[2][j];
-                bd[2][j] = d[2][j] - d[1][j];
-                bd[3][j] = d[1][j] - d[3][j];
-            }
-            let col = ci * n + (t - t0);
-            for (i, r) in bd.iter().enumerate() {
-                let row = [r[0] - r[2], r[1] + r[2], r[2] - r[1], r[1] - r[3]];
-                for (j, &val) in row.iter().enumerate() {
-                    v[(i * 4 + j) * plane + col] = val;
+) -> impl Iterator<Item = (usize, usize, usize, usize, usize)> {
+    let mut t = t0;
+    std::iter::from_fn(move || {
+        if t >= t1 {
+            return None;
+        }
+        let (img, r) = (t / tiles_per_img, t % tiles_per_img);
+        let (ty, tx0) = (r / txn, r % txn);
+        let len = (txn - tx0).min(t1 - t);
+        let run = (img, ty, tx0, len, t - t0);
+        t += len;
+        Some(run)
+    })
+}
+
+multiversion! {
+    /// `V_ξ[ci][t - t0] = (Bᵀ d B)_ξ` for the 4×4 input tile `d` of tiles `t0..t1`, run by run
+    /// so that the arithmetic vectorises across tiles.
+    fn transform_input(
+        x: &[f32],
+        s: &Shape,
+        tiling: (usize, usize),
+        range: (usize, usize),
+        v: &mut [f32],
+        scratch: &mut Vec<f32>,
+    ) {
+        let n = range.1 - range.0;
+        let plane = s.cin * n;
+        let width = tiling.0 + 1;
+        scratch.resize(8 * width + 8 * width, 0.0);
+        let (eo, rows) = scratch.split_at_mut(8 * width);
+        let (e, o) = eo.split_at_mut(4 * width);
+        for (img, ty, tx0, len, off) in runs(tiling, range) {
+            let w2 = 2 * len + 2;
+            // Input columns 2tx0 - p .. 2tx0 - p + w2, clipped to the image.
+            let x0 = (2 * tx0) as isize - s.p as isize;
+            let (c_lo, c_hi) = (x0.max(0) as usize, ((x0 + w2 as isize).min(s.w as isize)).max(0) as usize);
+            let d_lo = (c_lo as isize - x0) as usize;
+            for ci in 0..s.cin {
+                let chan = &x[(img * s.cin + ci) * s.h * s.w..][..s.h * s.w];
+                // The tile rows' 4 input rows, zero-padded, in the scratch.
+                for i in 0..4 {
+                    let row = &mut rows[i * 2 * width..][..w2];
+                    let y = (2 * ty + i) as isize - s.p as isize;
+                    if y < 0 || y >= s.h as isize || c_hi <= c_lo {
+                        row.fill(0.0);
+                        continue;
+                    }
+                    row[..d_lo].fill(0.0);
+                    row[d_lo..d_lo + c_hi - c_lo].copy_from_slice(&chan[y as usize * s.w + c_lo..][..c_hi - c_lo]);
+                    row[d_lo + c_hi - c_lo..].fill(0.0);
+                }
+                let r0 = &rows[..w2];
+                let r1 = &rows[2 * width..][..w2];
+                let r2 = &rows[4 * width..][..w2];
+                let r3 = &rows[6 * width..][..w2];
+                // Bᵀ d down the columns, split into even and odd columns.
+                {
+                    let (e0, rest) = e.split_at_mut(width);
+                    let (e1, rest) = rest.split_at_mut(width);
+                    let (e2, e3) = rest.split_at_mut(width);
+                    let (o0, rest) = o.split_at_mut(width);
+                    let (o1, rest) = rest.split_at_mut(width);
+                    let (o2, o3) = rest.split_at_mut(width);
+                    let it = r0.chunks_exact(2).zip(r1.chunks_exact(2)).zip(r2.chunks_exact(2).zip(r3.chunks_exact(2)));
+                    for (k, ((x0, x1), (x2, x3))) in it.enumerate() {
+                        e0[k] = x0[0] - x2[0];
+                        o0[k] = x0[1] - x2[1];
+                        e1[k] = x1[0] + x2[0];
+                        o1[k] = x1[1] + x2[1];
+                        e2[k] = x2[0] - x1[0];
+                        o2[k] = x2[1] - x1[1];
+                        e3[k] = x1[0] - x3[0];
+                        o3[k] = x1[1] - x3[1];
+                    }
+                }
+                // ... B across the rows: tile k has columns e[k], o[k], e[k + 1], o[k + 1].
+                let col = ci * n + off;
+                for i in 0..4 {
+                    let (ei, oi) = (&e[i * width..][..len + 1], &o[i * width..][..len + 1]);
+                    let (v0, rest) = v[4 * i * plane + col..].split_at_mut(plane);
+                    let (v1, rest) = rest.split_at_mut(plane);
+                    let (v2, v3) = rest.split_at_mut(plane);
+                    let (v0, v1, v2, v3) = (&mut v0[..len], &mut v1[..len], &mut v2[..len], &mut v3[..len]);
+                    let (en, on) = (&ei[1..], &oi[1..]);
+                    let (ei, oi) = (&ei[..len], &oi[..len]);
+                    for k in 0..len {
+                        v0[k] = ei[k] - en[k];
+                        v1[k] = oi[k] + en[k];
+                        v2[k] = en[k] - oi[k];
+                        v3[k] = oi[k] - on[k];
+                    }
                 }
             }
         }
     }
 }
 
-/// `out[img, c0 + co, 2ty.., 2tx..] = (Aᵀ M A) + bias` for tiles `t0..t1` and the block's
-/// output channels.
-///
-/// # Safety
-/// `out` addresses the whole `[B, C_out, H_o, W_o]` output; no other thread writes these tiles
-/// of these channels.
-unsafe fn transform_output(
-    m: &[f32],
-    bias: &[f32],
-    (c0, cout): (usize, usize),
-    (ho, wo, txn, tiles_per_img): (usize, usize, usize, usize),
-    (t0, t1): (usize, usize),
-    out: *mut f32,
-) {
-    let n = t1 - t0;
-    let cc = bias.len();
-    let plane = cc * n;
-    for (co, &bv) in bias.iter().enumerate() {
-        for t in t0..t1 {
-            let col = co * n + (t - t0);
-            let mut mm = [[0f32; 4]; 4];
-            for (xi, val) in mm.iter_mut().flatten().enumerate() {
-                *val = m[xi * plane + col];
-            }
-            // Aᵀ M: rows m0 + m1 + m2, m1 - m2 - m3; then the same on columns.
-            let mut am = [[0f32; 4]; 2];
-            for j in 0..4 {
-                am[0][j] = mm[0][j] + mm[1][j] + mm[2][j];
-                am[1][j] = mm[1][j] - mm[2][j] - mm[3][j];
-            }
-            let (img, r) = (t / tiles_per_img, t % tiles_per_img);
-            let (oy, ox) = (2 * (r / txn), 2 * (r % txn));
-            let base = ((img * cout + c0 + co) * ho + oy) * wo + ox;
-            for (i, a) in am.iter().enumerate() {
-                if oy + i >= ho {
-                    break;
-                }
-                let y0 = a[0] + a[1] + a[2] + bv;
-                let y1 = a[1] - a[2] - a[3] + bv;
-                unsafe {
-                    *out.add(base + i * wo) = y0;
-                    if ox + 1 < wo {
-                        *out.add(base + i * wo + 1) = y1;
+multiversion! {
+    /// `out[img, c0 + co, 2ty.., 2tx..] = (Aᵀ M A) + bias` for tiles `t0..t1` and the block's
+    /// output channels; `out` is the whole `[B, C_out, H_o, W_o]` output, of which no other
+    /// thread writes these tiles of these channels.
+    fn transform_output(
+        m: &[f32],
+        bias: &[f32],
+        channels: (usize, usize),
+        geometry: (usize, usize, usize, usize),
+        range: (usize, usize),
+        out: SendPtr,
+        scratch: &mut Vec<f32>,
+    ) {
+        let (c0, cout) = channels;
+        let (ho, wo, txn, tiles_per_img) = geometry;
+        let n = range.1 - range.0;
+        let plane = bias.len() * n;
+        scratch.resize(4 * txn, 0.0);
+        for (img, ty, tx0, len, off) in runs((txn, tiles_per_img), range) {
+            let oy = 2 * ty;
+            // Tiles whose second column is inside the output.
+            let full = len.min((wo - 2 * tx0) / 2);
+            for (co, &bv) in bias.iter().enumerate() {
+                let col = co * n + off;
+                let mm: [&[f32]; 16] = std::array::from_fn(|xi| &m[xi * plane + col..][..len]);
+                let base = ((img * cout + c0 + co) * ho + oy) * wo + 2 * tx0;
+                for i in 0..2 {
+                    if oy + i >= ho {
+                        break;
+                    }
+                    // Aᵀ M, row i (m0 + m1 + m2 or m1 - m2 - m3), for the 4 columns.
+                    let (a0, rest) = scratch[..4 * len].split_at_mut(len);
+                    let (a1, rest) = rest.split_at_mut(len);
+                    let (a2, a3) = rest.split_at_mut(len);
+                    for (j, a) in [a0, a1, a2, a3].into_iter().enumerate() {
+                        let (p, q, r) = (mm[j], mm[4 + j], mm[8 + j]);
+                        if i == 0 {
+                            for (((a, &p), &q), &r) in a.iter_mut().zip(p).zip(q).zip(r) {
+                                *a = p + q + r;
+                            }
+                        } else {
+                            let t = mm[12 + j];
+                            for (((a, &q), &r), &t) in a.iter_mut().zip(q).zip(r).zip(t) {
+                                *a = q - r - t;
+                            }
+                        }
+                    }
+                    let (a0, rest) = scratch[..4 * len].split_at(len);
+                    let (a1, rest) = rest.split_at(len);
+                    let (a2, a3) = rest.split_at(len);
+                    // SAFETY: row oy + i of this channel, columns 2tx0 .. 2(tx0 + len) (clipped
+                    // to W_o), belong to these tiles.
+                    let row = unsafe { std::slice::from_raw_parts_mut(out.0.add(base + i * wo), (wo - 2 * tx0).min(2 * len)) };
+                    let (pairs, tail) = row.split_at_mut(2 * full);
+                    for ((((y, &a0), &a1), &a2), &a3) in pairs.chunks_exact_mut(2).zip(a0).zip(a1).zip(a2).zip(a3) {
+                        y[0] = a0 + a1 + a2 + bv;
+                        y[1] = a1 - a2 - a3 + bv;
+                    }
+                    if let Some(y) = tail.first_mut() {
+                        *y = a0[full] + a1[full] + a2[full] + bv;
                     }
                 }
             }
