@@ -90,5 +90,49 @@ fn norms(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, convs, attentions, norms);
+fn linears(c: &mut Criterion) {
+    for (name, rows, inp, out) in
+        [("linear [2,4096,320]->320", 8192, 320, 320), ("linear [2,256,1280]->1280", 512, 1280, 1280)]
+    {
+        let mut group = c.benchmark_group(name);
+        group.sample_size(20).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
+        let x = randn(&[2, rows / 2, inp]);
+        let lin = candle_nn::Linear::new(randn(&[out, inp]), Some(randn(&[out])));
+        group.bench_function("candle", |bench| bench.iter(|| lin.forward(&x).unwrap()));
+        group.bench_function("kernel", |bench| {
+            bench.iter(|| cpu::linear::linear(&x, lin.weight(), lin.bias()).unwrap().unwrap())
+        });
+        group.finish();
+    }
+
+    let mut group = c.benchmark_group("ff proj+geglu [2,4096,320]->1280");
+    group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(5));
+    let x = randn(&[2, 4096, 320]);
+    let lin = candle_nn::Linear::new(randn(&[2560, 320]), Some(randn(&[2560])));
+    group.bench_function("candle", |bench| {
+        bench.iter(|| {
+            let h = lin.forward(&x).unwrap();
+            let (a, gate) = (h.narrow(D::Minus1, 0, 1280).unwrap(), h.narrow(D::Minus1, 1280, 1280).unwrap());
+            (a * gate.gelu_erf().unwrap()).unwrap()
+        })
+    });
+    group.bench_function("kernel", |bench| {
+        bench.iter(|| cpu::geglu::linear_geglu(&x, lin.weight(), lin.bias()).unwrap().unwrap())
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("proj_in 1x1 to tokens [2,320,64,64]");
+    group.sample_size(20).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
+    let (x, w, b) = (randn(&[2, 320, 64, 64]), randn(&[320, 320, 1, 1]), randn(&[320]));
+    let conv = candle_nn::Conv2d::new(w.clone(), Some(b.clone()), Default::default());
+    group.bench_function("candle", |bench| {
+        bench.iter(|| conv.forward(&x).unwrap().permute((0, 2, 3, 1)).unwrap().reshape((2, 4096, 320)).unwrap())
+    });
+    group.bench_function("kernel", |bench| {
+        bench.iter(|| cpu::pointwise::conv1x1_to_tokens(&x, &w, Some(&b)).unwrap().unwrap())
+    });
+    group.finish();
+}
+
+criterion_group!(benches, convs, attentions, norms, linears);
 criterion_main!(benches);

@@ -246,7 +246,17 @@ impl Transformer2DModel {
             let ch = t.dim(1)?;
             t.permute((0, 2, 3, 1))?.reshape((b, h * w, ch))
         };
+        // 1×1 projections fold the layout change in (CPU kernel, no adapters attached).
+        let pointwise = |conv: &crate::layers::Conv2d| {
+            conv.adapters().is_empty() && conv.config().padding == 0 && conv.config().stride == 1
+        };
         let mut tokens = match &self.proj_in {
+            Projection::Conv(conv) if pointwise(conv) => {
+                match crate::cpu::pointwise::conv1x1_to_tokens(&normed, conv.weight(), conv.bias())? {
+                    Some(t) => t,
+                    None => to_tokens(&conv.forward(&normed)?)?,
+                }
+            }
             Projection::Conv(conv) => to_tokens(&conv.forward(&normed)?)?,
             Projection::Linear(lin) => lin.forward(&to_tokens(&normed)?)?,
         };
@@ -258,6 +268,12 @@ impl Transformer2DModel {
             t.reshape((b, h, w, ch))?.permute((0, 3, 1, 2))?.contiguous()
         };
         let out = match &self.proj_out {
+            Projection::Conv(conv) if pointwise(conv) => {
+                match crate::cpu::pointwise::conv1x1_from_tokens(&tokens, (h, w), conv.weight(), conv.bias())? {
+                    Some(o) => o,
+                    None => conv.forward(&to_map(&tokens)?)?,
+                }
+            }
             Projection::Conv(conv) => conv.forward(&to_map(&tokens)?)?,
             Projection::Linear(lin) => to_map(&lin.forward(&tokens)?)?,
         };

@@ -117,6 +117,10 @@ impl Conv2d {
         self.inner.config()
     }
 
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.inner.bias()
+    }
+
     /// Replaces the weight (for merging a delta); the shape must not change.
     pub fn set_weight(&mut self, weight: Tensor) -> Result<()> {
         same_shape(&self.path, self.weight(), &weight)?;

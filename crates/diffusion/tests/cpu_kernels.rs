@@ -153,6 +153,26 @@ fn group_norm_matches_candle() {
 }
 
 #[test]
+fn pointwise_projections_match_conv_and_permute() {
+    for (b, cin, cout, h, w) in [(2, 24, 40, 9, 7), (1, 70, 33, 16, 16), (3, 8, 130, 5, 13)] {
+        let (x, wt, bias) = (randn(&[b, cin, h, w], 80), randn(&[cout, cin, 1, 1], 81), randn(&[cout], 82));
+        let conv = x.conv2d(&wt, 0, 1, 1, 1).unwrap().broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap()).unwrap();
+        let want = conv.permute((0, 2, 3, 1)).unwrap().reshape((b, h * w, cout)).unwrap();
+        let got = cpu::pointwise::conv1x1_to_tokens(&x, &wt, Some(&bias)).unwrap().expect("kernel applies");
+        let err = rel_err(&got, &want);
+        assert!(err < 1e-5, "to tokens {b} {cin}->{cout} {h}x{w}: rel err {err}");
+
+        let tokens = randn(&[b, h * w, cin], 83);
+        let map = tokens.reshape((b, h, w, cin)).unwrap().permute((0, 3, 1, 2)).unwrap().contiguous().unwrap();
+        let want = map.conv2d(&wt, 0, 1, 1, 1).unwrap().broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap()).unwrap();
+        let got =
+            cpu::pointwise::conv1x1_from_tokens(&tokens, (h, w), &wt, Some(&bias)).unwrap().expect("kernel applies");
+        let err = rel_err(&got, &want);
+        assert!(err < 1e-5, "from tokens {b} {cin}->{cout} {h}x{w}: rel err {err}");
+    }
+}
+
+#[test]
 fn linear_matches_candle() {
     for (shape, out, bias) in [(vec![2, 37, 24], 40, true), (vec![5, 24], 7, false), (vec![3, 700, 33], 65, true)] {
         let x = randn(&shape, 60);

@@ -28,7 +28,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Opti
 /// Row bands × column chunks for a `rows × out` product on `threads` threads: at least four
 /// tasks per thread, bands of at most 1024 rows, and, among those, the split that repacks the
 /// least (each task packs its rows of `x` and its columns of `W`).
-fn grid(rows: usize, out: usize, threads: usize) -> (usize, usize) {
+pub(super) fn grid(rows: usize, out: usize, threads: usize) -> (usize, usize) {
     let target = 4 * threads;
     let min_bands = rows.div_ceil(1024).max(1);
     let mut best = (min_bands.max(target), 1);
@@ -73,7 +73,9 @@ impl CustomOp3 for LinearOp {
         let rows = x.len() / inp.max(1);
         let mut y = vec![0f32; rows * out];
         let (rb, cb) = grid(rows, out, threads());
-        let (band, chunk) = (rows.div_ceil(rb), out.div_ceil(cb));
+        // Column chunks in multiples of 64: gemm's AVX-512 micro-kernel is 64 wide along them.
+        let (band, chunk) = (rows.div_ceil(rb), out.div_ceil(cb).next_multiple_of(64).min(out));
+        let cb = out.div_ceil(chunk);
         let y_ptr = SendPtr(y.as_mut_ptr());
         (0..rb * cb).into_par_iter().for_each(|task| {
             let (r0, c0) = ((task / cb) * band, (task % cb) * chunk);

@@ -21,6 +21,7 @@ pub mod geglu;
 mod gemm;
 pub mod linear;
 pub mod norm;
+pub mod pointwise;
 pub mod profile;
 mod simd;
 mod winograd;

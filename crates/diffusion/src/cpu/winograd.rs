@@ -41,7 +41,8 @@ pub(super) fn conv3x3(x: &[f32], wt: &[f32], bias: &[f32], s: &Shape, out: &mut 
     let tiles = s.b * tiles_per_img;
     let u = transform_weights(wt, s.cout, s.cin);
 
-    let tb = (BLOCK_BYTES / (64 * s.cin)).clamp(64, 512).min(tiles.next_multiple_of(16));
+    // A multiple of 64 tiles: gemm's AVX-512 micro-kernel is 64 wide along them.
+    let tb = ((BLOCK_BYTES / (64 * s.cin)).clamp(64, 512) / 64 * 64).min(tiles.next_multiple_of(16));
     let blocks = tiles.div_ceil(tb);
     // Split the output channels too when there are few blocks.
     let splits = (2 * threads()).div_ceil(blocks).clamp(1, s.cout.div_ceil(64));
