@@ -31,22 +31,36 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 fn conv_case(x: &[usize], cout: usize, k: usize, stride: usize, padding: usize, bias: bool) {
+    conv_case_with(x, cout, (k, stride, padding), bias, cpu::conv::Winograd::F2, 1e-5);
+}
+
+fn conv_case_with(
+    x: &[usize],
+    cout: usize,
+    (k, stride, padding): (usize, usize, usize),
+    bias: bool,
+    winograd: cpu::conv::Winograd,
+    tol: f32,
+) {
     let (xt, w, b) = (randn(x, 1), randn(&[cout, x[1], k, k], 2), randn(&[cout], 3));
     let cfg = candle_nn::Conv2dConfig { padding, stride, ..Default::default() };
-    let got = cpu::conv::conv2d(&xt, &w, bias.then_some(&b), &cfg).unwrap().expect("kernel applies");
+    let got = cpu::conv::conv2d_with(&xt, &w, bias.then_some(&b), &cfg, winograd).unwrap().expect("kernel applies");
     let mut want = xt.conv2d(&w, padding, stride, 1, 1).unwrap();
     if bias {
         want = want.broadcast_add(&b.reshape((1, cout, 1, 1)).unwrap()).unwrap();
     }
     let err = rel_err(&got, &want);
-    eprintln!("conv {x:?} -> {cout}, k{k} s{stride} p{padding}: rel err {err:.2e}");
-    assert!(err < 1e-5, "conv {x:?} -> {cout}, k{k} s{stride} p{padding}: rel err {err}");
+    eprintln!("conv {x:?} -> {cout}, k{k} s{stride} p{padding}, {winograd:?}: rel err {err:.2e}");
+    assert!(err < tol, "conv {x:?} -> {cout}, k{k} s{stride} p{padding}: rel err {err}");
 }
 
 #[test]
 fn conv2d_matches_candle() {
     // Large maps: 3×3 stride 1 by Winograd F(2×2, 3×3) (odd sizes, both paddings, channels
     // spanning several blocks); stride 2 and 1×1 tiled per image.
+    conv_case(&[1, 24, 70, 65], 17, 3, 1, 1, true);
+    conv_case(&[2, 40, 50, 49], 33, 3, 1, 0, true);
+    conv_case(&[1, 320, 64, 64], 96, 3, 1, 1, true);
     conv_case(&[2, 5, 37, 29], 7, 3, 1, 1, true);
     conv_case(&[1, 16, 45, 35], 9, 3, 1, 0, true);
     conv_case(&[2, 64, 32, 32], 80, 3, 1, 1, true);
@@ -64,6 +78,17 @@ fn conv2d_matches_candle() {
     // 1×1 with padding or stride goes through im2col.
     conv_case(&[2, 4, 10, 10], 6, 1, 2, 0, true);
     conv_case(&[1, 4, 10, 10], 6, 1, 1, 1, true);
+}
+
+#[test]
+fn conv2d_other_paths_match_candle() {
+    use cpu::conv::Winograd;
+    // F(4×4, 3×3) (opt-in: 1–2e-5 relative error), with partial tiles; and im2col for the
+    // shapes Winograd would take.
+    for (x, cout, p) in [(&[1, 24, 70, 65][..], 17, 1), (&[2, 40, 50, 49], 33, 0), (&[1, 320, 64, 64], 96, 1)] {
+        conv_case_with(x, cout, (3, 1, p), true, Winograd::F4, 4e-5);
+        conv_case_with(x, cout, (3, 1, p), true, Winograd::Off, 1e-5);
+    }
 }
 
 #[test]

@@ -1,14 +1,20 @@
 //! CPU kernels for the hot operations of the UNet and VAE, as candle custom ops.
 //!
-//! The model code calls the dispatch functions of the submodules ([`conv::conv2d`],
-//! [`attention::attention`], [`norm::GroupNorm`], [`geglu::geglu`]). Each uses its kernel for
-//! tensors on the CPU when no gradient is tracked through the op (or when the kernel has a
-//! backward pass), and otherwise the plain candle composition it replaces, so results and
-//! gradients never depend on which path ran beyond float rounding.
+//! The model code calls the dispatch functions of the submodules ([`conv::conv2d`] (im2col, or
+//! Winograd for 3×3 stride-1 on large maps), [`linear::linear`], [`attention::attention`],
+//! [`norm::GroupNorm`] (+ SiLU), [`geglu::linear_geglu`] / [`geglu::geglu`], and the
+//! transformer's 1×1 projections [`pointwise`]). Each returns its kernel's result for f32
+//! tensors on the CPU when no gradient is tracked through the op, and `None` (or, for the
+//! modules, the plain composition) otherwise: LoRA training, other dtypes and GPU devices take
+//! the original candle path, so gradients are exactly as before. None of the kernels has a
+//! backward pass.
 //!
 //! Set `EASYPHOTO_CPU_KERNELS=0` (or call [`set_enabled`]) to use the plain candle path
-//! everywhere, for comparisons. Threads: the kernels run on rayon's global pool, sized by
-//! `RAYON_NUM_THREADS` like candle's own CPU ops.
+//! everywhere, for comparisons; `EASYPHOTO_WINOGRAD=0|2|4` picks the 3×3 algorithm
+//! ([`conv::Winograd`]); `EASYPHOTO_PROFILE=1` turns on [`profile`]. Threads: the kernels run on
+//! rayon's global pool, sized by `RAYON_NUM_THREADS` like candle's own CPU ops (2 threads ⇒ 2 on
+//! both). The `gemm` crate's AVX-512 kernels are enabled by this crate's `gemm/x86-v4` feature
+//! (detected at run time), which also speeds up candle's own matmuls.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -25,6 +31,7 @@ pub mod pointwise;
 pub mod profile;
 mod simd;
 mod winograd;
+mod winograd43;
 
 static OVERRIDE: AtomicU8 = AtomicU8::new(0);
 

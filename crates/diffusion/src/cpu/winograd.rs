@@ -33,6 +33,26 @@ thread_local! {
 /// Bytes of transformed input per block of tiles.
 const BLOCK_BYTES: usize = 2 << 20;
 
+/// The transformed-weights buffer of the last call, kept (up to [`KEEP_BYTES`]) so that the next
+/// call does not pay the page faults of a fresh allocation again.
+static WEIGHTS: std::sync::Mutex<Vec<f32>> = std::sync::Mutex::new(Vec::new());
+const KEEP_BYTES: usize = 64 << 20;
+
+/// A buffer of `len` floats for transformed weights (contents unspecified; every element is
+/// written by the caller).
+pub(super) fn take_weights_buffer(len: usize) -> Vec<f32> {
+    let mut v = std::mem::take(&mut *WEIGHTS.lock().unwrap_or_else(|e| e.into_inner()));
+    v.resize(len, 0.0);
+    v
+}
+
+/// Returns a buffer from [`take_weights_buffer`] for reuse (dropped if large).
+pub(super) fn give_weights_buffer(v: Vec<f32>) {
+    if v.capacity() * 4 <= KEEP_BYTES {
+        *WEIGHTS.lock().unwrap_or_else(|e| e.into_inner()) = v;
+    }
+}
+
 /// `out` (`[B, C_out, H_o, W_o]`) = conv3×3(`x`, `wt`) + `bias`.
 pub(super) fn conv3x3(x: &[f32], wt: &[f32], bias: &[f32], s: &Shape, out: &mut [f32]) {
     let (ho, wo) = (s.h + 2 * s.p - 2, s.w + 2 * s.p - 2);
@@ -68,11 +88,12 @@ pub(super) fn conv3x3(x: &[f32], wt: &[f32], bias: &[f32], s: &Shape, out: &mut 
             transform_output(m, &bias[c0..c1], (c0, s.cout), (ho, wo, txn, tiles_per_img), (t0, t1), out_ptr, scratch);
         });
     });
+    give_weights_buffer(u);
 }
 
 /// `U_ξ[co][ci] = (G g Gᵀ)_ξ`, laid out `[16][C_out][C_in]`.
 fn transform_weights(wt: &[f32], cout: usize, cin: usize) -> Vec<f32> {
-    let mut u = vec![0f32; 16 * cout * cin];
+    let mut u = take_weights_buffer(16 * cout * cin);
     let u_ptr = SendPtr(u.as_mut_ptr());
     wt.par_chunks(9 * cin).enumerate().for_each(|(co, g)| {
         let mut local = vec![0f32; 16 * cin];
