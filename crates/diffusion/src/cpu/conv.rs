@@ -175,18 +175,16 @@ fn conv_f32(x: &[f32], wt: &[f32], bias: &[f32], g: &Geometry, winograd: Winogra
     }
     if g.kh == 3 && g.kw == 3 && g.s == 1 && hw_o >= SMALL_MAP {
         let shape = super::winograd::Shape { b: g.b, cin: g.cin, cout: g.cout, h: g.h, w: g.w, p: g.p };
-        match winograd {
+        let variant = match winograd {
             // F(4×4, 3×3) once the maps are large enough to amortise its bigger weight
             // transform (the 64² UNet level, the VAE); F(2×2, 3×3) otherwise.
-            Winograd::F4 if g.b * hw_o >= 4096 => {
-                super::winograd43::conv3x3(x, wt, bias, &shape, &mut out);
-                return out;
-            }
-            Winograd::F2 | Winograd::F4 => {
-                super::winograd::conv3x3(x, wt, bias, &shape, &mut out);
-                return out;
-            }
-            Winograd::Off => {}
+            Winograd::F4 if g.b * hw_o >= 4096 => Some(&super::winograd43::F4),
+            Winograd::F2 | Winograd::F4 => Some(&super::winograd::F2),
+            Winograd::Off => None,
+        };
+        if let Some(variant) = variant {
+            super::winograd::conv3x3(variant, x, wt, bias, &shape, &mut out);
+            return out;
         }
     }
     // A zero-padded copy of the input, so that im2col rows are plain copies.

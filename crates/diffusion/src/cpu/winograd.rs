@@ -53,16 +53,38 @@ pub(super) fn give_weights_buffer(v: Vec<f32>) {
     }
 }
 
-/// `out` (`[B, C_out, H_o, W_o]`) = conv3×3(`x`, `wt`) + `bias`.
-pub(super) fn conv3x3(x: &[f32], wt: &[f32], bias: &[f32], s: &Shape, out: &mut [f32]) {
+/// An input transform: `(x, shape, (tiles across, tiles per image), tile range, v, scratch)`.
+type InputTransform = fn(&[f32], &Shape, (usize, usize), (usize, usize), &mut [f32], &mut Vec<f32>);
+/// An output transform: `(m, bias, (c0, C_out), (H_o, W_o, tiles across, tiles per image),
+/// tile range, out, scratch)`.
+type OutputTransform =
+    fn(&[f32], &[f32], (usize, usize), (usize, usize, usize, usize), (usize, usize), SendPtr, &mut Vec<f32>);
+
+/// One Winograd algorithm F(m×m, 3×3): its output tile side `m`, its `(m + 2)²` transformed
+/// points, and its three transforms.
+pub(super) struct Variant {
+    pub tile: usize,
+    pub points: usize,
+    pub weights: fn(&[f32], usize, usize) -> Vec<f32>,
+    pub input: InputTransform,
+    pub output: OutputTransform,
+}
+
+/// F(2×2, 3×3).
+pub(super) const F2: Variant =
+    Variant { tile: 2, points: 16, weights: transform_weights, input: transform_input, output: transform_output };
+
+/// `out` (`[B, C_out, H_o, W_o]`) = conv3×3(`x`, `wt`) + `bias`, by `variant`.
+pub(super) fn conv3x3(variant: &Variant, x: &[f32], wt: &[f32], bias: &[f32], s: &Shape, out: &mut [f32]) {
     let (ho, wo) = (s.h + 2 * s.p - 2, s.w + 2 * s.p - 2);
-    let (tyn, txn) = (ho.div_ceil(2), wo.div_ceil(2));
+    let (tyn, txn) = (ho.div_ceil(variant.tile), wo.div_ceil(variant.tile));
     let tiles_per_img = tyn * txn;
     let tiles = s.b * tiles_per_img;
-    let u = transform_weights(wt, s.cout, s.cin);
+    let points = variant.points;
+    let u = (variant.weights)(wt, s.cout, s.cin);
 
     // A multiple of 64 tiles: gemm's AVX-512 micro-kernel is 64 wide along them.
-    let tb = ((BLOCK_BYTES / (64 * s.cin)).clamp(64, 512) / 64 * 64).min(tiles.next_multiple_of(16));
+    let tb = ((BLOCK_BYTES / (4 * points * s.cin)).clamp(64, 512) / 64 * 64).min(tiles.next_multiple_of(16));
     let blocks = tiles.div_ceil(tb);
     // Split the output channels too when there are few blocks.
     let splits = (2 * threads()).div_ceil(blocks).clamp(1, s.cout.div_ceil(64));
@@ -75,17 +97,18 @@ pub(super) fn conv3x3(x: &[f32], wt: &[f32], bias: &[f32], s: &Shape, out: &mut 
         let (c0, c1) = (split * cc, ((split + 1) * cc).min(s.cout));
         let n = t1 - t0;
         BUFS.with_borrow_mut(|(v, m, scratch)| {
-            v.resize(16 * s.cin * n, 0.0);
-            m.resize(16 * (c1 - c0) * n, 0.0);
-            transform_input(x, s, (txn, tiles_per_img), (t0, t1), v, scratch);
-            for xi in 0..16 {
+            v.resize(points * s.cin * n, 0.0);
+            m.resize(points * (c1 - c0) * n, 0.0);
+            (variant.input)(x, s, (txn, tiles_per_img), (t0, t1), v, scratch);
+            for xi in 0..points {
                 let (a, b) = (u[(xi * s.cout + c0) * s.cin..].as_ptr(), v[xi * s.cin * n..].as_ptr());
                 let dst = m[xi * (c1 - c0) * n..].as_mut_ptr();
                 // SAFETY: the slices hold the addressed matrices; dst is this task's buffer.
                 unsafe { sgemm((c1 - c0, n, s.cin), dst, n, false, (a, s.cin, 1), (b, n, 1), 1) };
             }
             // Each task writes only its own tiles of output channels c0..c1.
-            transform_output(m, &bias[c0..c1], (c0, s.cout), (ho, wo, txn, tiles_per_img), (t0, t1), out_ptr, scratch);
+            let geometry = (ho, wo, txn, tiles_per_img);
+            (variant.output)(m, &bias[c0..c1], (c0, s.cout), geometry, (t0, t1), out_ptr, scratch);
         });
     });
     give_weights_buffer(u);

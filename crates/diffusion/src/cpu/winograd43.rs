@@ -14,57 +14,15 @@
 //!      [0  4  0 -5 0 1]        [   0    0    1]
 //! ```
 
-use std::cell::RefCell;
-
 use rayon::prelude::*;
 
+use super::SendPtr;
 use super::simd::multiversion;
-use super::winograd::Shape;
-use super::{SendPtr, gemm::sgemm, threads};
+use super::winograd::{Shape, Variant};
 
-thread_local! {
-    static BUFS: RefCell<(Vec<f32>, Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
-}
-
-/// Bytes of transformed input per block of tiles.
-const BLOCK_BYTES: usize = 2 << 20;
-
-/// `out` (`[B, C_out, H_o, W_o]`) = conv3×3(`x`, `wt`) + `bias`.
-pub(super) fn conv3x3(x: &[f32], wt: &[f32], bias: &[f32], s: &Shape, out: &mut [f32]) {
-    let (ho, wo) = (s.h + 2 * s.p - 2, s.w + 2 * s.p - 2);
-    let (tyn, txn) = (ho.div_ceil(4), wo.div_ceil(4));
-    let tiles_per_img = tyn * txn;
-    let tiles = s.b * tiles_per_img;
-    let u = transform_weights(wt, s.cout, s.cin);
-
-    // A multiple of 64 tiles: gemm's AVX-512 micro-kernel is 64 wide along them.
-    let tb = ((BLOCK_BYTES / (144 * s.cin)).clamp(64, 512) / 64 * 64).min(tiles.next_multiple_of(16));
-    let blocks = tiles.div_ceil(tb);
-    let splits = (2 * threads()).div_ceil(blocks).clamp(1, s.cout.div_ceil(64));
-    let cc = s.cout.div_ceil(splits).next_multiple_of(16).min(s.cout);
-    let splits = s.cout.div_ceil(cc);
-    let out_ptr = SendPtr(out.as_mut_ptr());
-    (0..blocks * splits).into_par_iter().for_each(|task| {
-        let (blk, split) = (task / splits, task % splits);
-        let (t0, t1) = (blk * tb, ((blk + 1) * tb).min(tiles));
-        let (c0, c1) = (split * cc, ((split + 1) * cc).min(s.cout));
-        let n = t1 - t0;
-        BUFS.with_borrow_mut(|(v, m, scratch)| {
-            v.resize(36 * s.cin * n, 0.0);
-            m.resize(36 * (c1 - c0) * n, 0.0);
-            transform_input(x, s, (txn, tiles_per_img), (t0, t1), v, scratch);
-            for xi in 0..36 {
-                let (a, b) = (u[(xi * s.cout + c0) * s.cin..].as_ptr(), v[xi * s.cin * n..].as_ptr());
-                let dst = m[xi * (c1 - c0) * n..].as_mut_ptr();
-                // SAFETY: the slices hold the addressed matrices; dst is this task's buffer.
-                unsafe { sgemm((c1 - c0, n, s.cin), dst, n, false, (a, s.cin, 1), (b, n, 1), 1) };
-            }
-            // Each task writes only its own tiles of output channels c0..c1.
-            transform_output(m, &bias[c0..c1], (c0, s.cout), (ho, wo, txn, tiles_per_img), (t0, t1), out_ptr, scratch);
-        });
-    });
-    super::winograd::give_weights_buffer(u);
-}
+/// F(4×4, 3×3), run by [`super::winograd::conv3x3`].
+pub(super) const F4: Variant =
+    Variant { tile: 4, points: 36, weights: transform_weights, input: transform_input, output: transform_output };
 
 /// `U_ξ[co][ci] = (G g Gᵀ)_ξ`, laid out `[36][C_out][C_in]`.
 fn transform_weights(wt: &[f32], cout: usize, cin: usize) -> Vec<f32> {
