@@ -40,6 +40,50 @@ pub enum FaceError {
         source: image::ImageError,
     },
 
+    /// An image file could not be read from disk.
+    #[error("cannot read image `{}`", path.display())]
+    ImageRead {
+        /// The image file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// An image file is empty, or its header declares a zero width or height.
+    #[error("image `{}` is empty (no bytes, or zero width or height)", path.display())]
+    EmptyImage {
+        /// The image file.
+        path: PathBuf,
+    },
+
+    /// An image is not in a format this build decodes (PNG and JPEG).
+    #[error("image `{}` is not in a supported format (PNG or JPEG)", path.display())]
+    UnsupportedImage {
+        /// The image file.
+        path: PathBuf,
+    },
+
+    /// An image's header declares more pixels than the configured limit (a decompression-bomb guard).
+    #[error("image `{}` is {width}x{height} pixels, more than the limit of {max_pixels}", path.display())]
+    ImageTooLarge {
+        /// The image file.
+        path: PathBuf,
+        /// Width from the header.
+        width: u32,
+        /// Height from the header.
+        height: u32,
+        /// The configured limit on `width * height`.
+        max_pixels: u64,
+    },
+
+    /// Arguments that do not fit together (mismatched sizes, empty inputs, a zero kernel).
+    #[error("invalid input: {what}")]
+    InvalidInput {
+        /// What is wrong, naming the function and argument.
+        what: String,
+    },
+
     /// A tensor's shape does not match what the model declares.
     #[error("tensor `{name}` has shape {found:?}, expected {expected:?} (-1: any size)")]
     BadShape {

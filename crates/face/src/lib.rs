@@ -2,13 +2,23 @@
 //!
 //! * [`runtime`]: loads ONNX Runtime once per process (from `ORT_DYLIB_PATH`, ONNX Runtime ≥ 1.31)
 //!   and wraps a session in [`OnnxModel`], with named f32/i32 inputs and f32 outputs.
-//! * [`preprocess`]: image decoding and conversion to NCHW tensors.
+//! * [`preprocess`]: image decoding (EXIF orientation, grey, alpha, 16-bit, pixel limit) and
+//!   conversion to NCHW tensors.
+//! * [`geometry`]: EasyPhoto's box rules (expansion by a ratio, left-to-right order, roll score,
+//!   training box) and PIL-style crops.
+//! * [`ranking`]: identity ranking of training photos (mean-embedding pivot, reference photo, top 15).
+//! * [`morphology`]: `cv2.dilate` / `erode` / `MORPH_CLOSE` / `blur`-exact mask operations.
+//! * [`masks`]: box and training masks, blending through feathered masks, paste-back.
 //! * [`error`]: [`FaceError`], which names the file or tensor at fault.
 
 pub mod error;
+pub mod geometry;
+pub mod masks;
+pub mod morphology;
 pub mod preprocess;
+pub mod ranking;
 pub mod runtime;
 
 pub use error::FaceError;
-pub use preprocess::{load_rgb, to_nchw_signed};
+pub use preprocess::{DecodeLimits, decode_rgb, load_rgb, load_rgb_with, to_nchw_signed};
 pub use runtime::{Input, OnnxModel, environment};
