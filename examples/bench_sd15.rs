@@ -1,6 +1,7 @@
-//! Times the full-size SD1.5 UNet forward (batch 2 for classifier-free guidance, 64×64 latents)
-//! and the VAE decode of a 512² image, with random weights, and reports medians and peak memory
-//! as one JSON line. `tools/bench/compare.sh` runs it beside the PyTorch equivalent.
+//! Times the full-size SD1.5 UNet forward (batch 2 for classifier-free guidance, 64×64 latents),
+//! the VAE decode of a 512² image, and the CLIP-L encoding of a 150-token prompt (two 77-token
+//! chunks, the WebUI's way), with random weights, and reports medians and peak memory as one JSON
+//! line. `tools/bench/compare.sh` runs it beside the PyTorch equivalent.
 //!
 //! ```sh
 //! RAYON_NUM_THREADS=2 cargo run --release --example bench_sd15 -- unet --runs 3
@@ -12,14 +13,19 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use clap::{Parser, ValueEnum};
 use easyphoto::diffusion::diffusers_folder::read_config;
+use easyphoto::diffusion::text_encoding::{Encoder, Layer, PromptEncoder, TextEncoders};
 use easyphoto::diffusion::weights::random_var_builder;
-use easyphoto::diffusion::{AutoencoderKL, UNet2DConditionModel};
+use easyphoto::diffusion::{AutoencoderKL, CLIPTextModel, ClipTokenizer, PadToken, UNet2DConditionModel};
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Model {
     Unet,
     VaeDecode,
+    ClipL,
 }
+
+/// Words of one CLIP token each; 150 of them make the two-chunk prompt of the CLIP-L benchmark.
+const ONE_TOKEN_WORDS: [&str; 6] = ["a", "portrait", "photo", "of", "person", "outdoors"];
 
 #[derive(Parser)]
 struct Args {
@@ -62,6 +68,19 @@ fn main() -> anyhow::Result<()> {
             let vae = AutoencoderKL::new(vb, &read_config(&configs.join("sd15_vae.json"))?)?;
             let latents = Tensor::randn(0f32, 1.0, (1, 4, 64, 64), &device)?;
             Box::new(move || Ok(vae.decode(&latents)?))
+        }
+        Model::ClipL => {
+            let clip = CLIPTextModel::new(vb, &read_config(&configs.join("clip_l.json"))?)?;
+            let encoder = PromptEncoder {
+                tokenizer: ClipTokenizer::embedded(PadToken::EndOfText)?,
+                encoder: Encoder::Plain(clip),
+                layer: Layer::Normed { skip: 1 },
+            };
+            let prompt = ONE_TOKEN_WORDS.iter().cycle().take(150).copied().collect::<Vec<_>>().join(" ");
+            let tokens = encoder.tokenizer.encode(&prompt)?.len();
+            anyhow::ensure!(tokens == 150, "the benchmark prompt has {tokens} tokens, not 150");
+            let encoders = TextEncoders::new(vec![encoder])?;
+            Box::new(move || Ok(encoders.encode(&prompt)?.states))
         }
     };
     let weights_mib = peak_rss_mib() - rss_before;

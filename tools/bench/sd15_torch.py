@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
 
 CONFIGS = Path(__file__).parent / "configs"
 
@@ -20,7 +21,7 @@ def peak_rss_mib() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("model", choices=["unet", "vae-decode"])
+    parser.add_argument("model", choices=["unet", "vae-decode", "clip-l"])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -33,6 +34,12 @@ def main() -> None:
             sample, context = torch.randn(2, 4, 64, 64), torch.randn(2, 77, 768)
             t = torch.tensor([999.0, 999.0])
             run = lambda: model(sample, t, context).sample  # noqa: E731
+        elif args.model == "clip-l":
+            # The WebUI encodes a 150-token prompt as two 77-token chunks, one forward each.
+            config = CLIPTextConfig(**json.loads((CONFIGS / "clip_l.json").read_text()))
+            model = CLIPTextModel(config).eval()
+            chunks = [torch.randint(0, 49406, (1, 77)) for _ in range(2)]
+            run = lambda: torch.cat([model(ids).last_hidden_state for ids in chunks], 1)  # noqa: E731
         else:
             model = AutoencoderKL.from_config(json.loads((CONFIGS / "sd15_vae.json").read_text())).eval()
             latents = torch.randn(1, 4, 64, 64)

@@ -17,6 +17,7 @@ pub mod cpu;
 pub mod diffusers_folder;
 pub mod embeddings;
 pub mod error;
+pub mod inpaint_overlay;
 pub mod layers;
 pub mod noise;
 pub mod prompt;
