@@ -1,11 +1,28 @@
-//! The EasyPhoto train and infer flows, composed from the `easyphoto-*` crates.
+//! The EasyPhoto train and infer flows, composed from the `easyphoto-*` crates, and what runs
+//! around them.
 //!
-//! - [`user`]: user ids (validated before they name files), the per-user file layout, and
-//!   atomic writes of outputs.
+//! - [`user`]: user ids (any Unicode name, validated before it names files), the per-user
+//!   on-disk layout, and atomic writes.
+//! - [`models`]: the manifest of every model file the flows need, resolved under a models
+//!   directory, with `verify` and the offline check.
+//! - [`download`]: resumable, checked downloads of manifest files (Hugging Face URL scheme).
+//! - [`config`]: the flows' parameters with EasyPhoto's names and defaults, from files and overrides.
+//! - [`progress`]: progress observers and cancellation, shared by downloads and flows.
+//! - [`cli`] (feature `cli`): the `easyphoto` command line.
 //! - [`error`]: the crate's error type.
 
+#[cfg(feature = "cli")]
+pub mod cli;
+pub mod config;
+pub mod download;
 pub mod error;
+pub mod models;
+pub mod progress;
 pub mod user;
 
+pub use config::{InferConfig, TrainConfig, load_config};
+pub use download::{Downloader, Fetched};
 pub use error::{PipelineError, Result};
-pub use user::{UserId, UserStore, write_atomic};
+pub use models::{Flow, Manifest, MissingModel, ModelFile, Verification};
+pub use progress::{CancelToken, Observer, Progress, Silent};
+pub use user::{UserId, UserInfo, UserStore, write_atomic};

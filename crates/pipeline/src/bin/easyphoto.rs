@@ -1,0 +1,17 @@
+//! `easyphoto`: the command line of easyphoto-rs (see `easyphoto --help`).
+
+use clap::Parser;
+use easyphoto_pipeline::cli::{Cli, run};
+use easyphoto_pipeline::progress::{CancelToken, ProgressBars};
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let bars = ProgressBars::new();
+    match run(&cli, &mut std::io::stdout(), &bars, &CancelToken::new()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

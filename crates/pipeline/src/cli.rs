@@ -1,0 +1,349 @@
+//! The `easyphoto` command line: `models list|fetch|verify`, `train`, `infer`.
+//!
+//! Parameters keep EasyPhoto's names: a config file (`--config`, TOML or JSON) and `--set
+//! name=value` override any field of [`TrainConfig`] / [`InferConfig`]. `train` and `infer` check
+//! their inputs (user ids, photos, templates, models) and then stop with
+//! [`PipelineError::NotImplemented`] until the flows land.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::{InferConfig, MIN_TRAIN_PHOTOS, TrainConfig, load_config};
+use crate::download::Downloader;
+use crate::error::{PipelineError, Result};
+use crate::models::{self, DEFAULT_ENDPOINT, Flow, Manifest, ModelFile, Verification};
+use crate::progress::{CancelToken, Observer};
+use crate::user::{UserId, UserStore};
+
+/// EasyPhoto in Rust: train a face LoRA from photos of a person, then paint them into templates.
+#[derive(Debug, Parser)]
+#[command(name = "easyphoto", version)]
+pub struct Cli {
+    /// Where users' files live (`<root>/users/<id>/`).
+    #[arg(long, global = true, env = "EASYPHOTO_ROOT", default_value = "easyphoto-data")]
+    pub root: PathBuf,
+    /// Where model files live (layout: `easyphoto models list`).
+    #[arg(long, global = true, env = "EASYPHOTO_MODELS_DIR", default_value = "models")]
+    pub models_dir: PathBuf,
+    /// Download endpoint, Hugging Face URL scheme (e.g. a mirror such as https://hf-mirror.com).
+    #[arg(long, global = true, env = "HF_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
+    pub endpoint: String,
+    /// Never download: report what is missing and where to put it.
+    #[arg(long, global = true, env = "HF_HUB_OFFLINE")]
+    pub offline: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List, download or check the model files.
+    #[command(subcommand)]
+    Models(ModelsCommand),
+    /// Train a user's face LoRA from a folder of photos.
+    Train(TrainArgs),
+    /// Paint trained users into template photos.
+    Infer(InferArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelsCommand {
+    /// Every model file, its role, licence and whether it is present.
+    List(Selection),
+    /// Download missing files (resumes partial downloads, checks sizes and sha256).
+    Fetch(Selection),
+    /// Re-read files and compare sizes and sha256 with the manifest.
+    Verify(Selection),
+}
+
+/// Which model files a `models` command works on.
+#[derive(Debug, Args)]
+pub struct Selection {
+    /// Model names (default: all, or those of `--flow`).
+    pub names: Vec<String>,
+    /// Only the files this flow needs.
+    #[arg(long, value_enum)]
+    pub flow: Option<FlowArg>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FlowArg {
+    Train,
+    Infer,
+}
+
+impl From<FlowArg> for Flow {
+    fn from(f: FlowArg) -> Self {
+        match f {
+            FlowArg::Train => Flow::Train,
+            FlowArg::Infer => Flow::Infer,
+        }
+    }
+}
+
+/// Parameters shared by `train` and `infer`.
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// A TOML or JSON file of parameters (EasyPhoto's names; unknown names are errors).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override one parameter, e.g. `--set first_diffusion_steps=30` (repeatable).
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    pub set: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// The new user's id (any Unicode name that is a valid file name).
+    #[arg(long)]
+    pub user_id: String,
+    /// A folder of 5 to 20 photos of the person (.jpg, .jpeg, .png).
+    #[arg(long)]
+    pub photos: PathBuf,
+    #[command(flatten)]
+    pub config: ConfigArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct InferArgs {
+    /// Trained user ids, one per face from left to right; `none` skips a face.
+    #[arg(long = "user-id", required = true)]
+    pub user_ids: Vec<String>,
+    /// Template images, or folders of them (repeatable).
+    #[arg(long = "template", required = true)]
+    pub templates: Vec<PathBuf>,
+    /// Folder for the results.
+    #[arg(long, default_value = "outputs")]
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub config: ConfigArgs,
+}
+
+/// Runs a parsed command line, printing results to `out` and progress to `observer`.
+pub fn run(cli: &Cli, out: &mut dyn Write, observer: &dyn Observer, cancel: &CancelToken) -> Result<()> {
+    let manifest = Manifest::embedded()?;
+    match &cli.command {
+        Command::Models(ModelsCommand::List(sel)) => list(cli, &manifest, sel, out),
+        Command::Models(ModelsCommand::Fetch(sel)) => fetch(cli, &manifest, sel, out, observer, cancel),
+        Command::Models(ModelsCommand::Verify(sel)) => verify(cli, &manifest, sel, out, observer, cancel),
+        Command::Train(args) => train(cli, &manifest, args),
+        Command::Infer(args) => infer(cli, &manifest, args),
+    }
+}
+
+fn select<'m>(manifest: &'m Manifest, sel: &Selection) -> Result<Vec<&'m ModelFile>> {
+    let flow = sel.flow.map(Flow::from);
+    if sel.names.is_empty() {
+        return Ok(manifest.for_flow(flow).collect());
+    }
+    sel.names.iter().map(|name| manifest.get(name)).collect()
+}
+
+fn print(out: &mut dyn Write, text: std::fmt::Arguments<'_>) -> Result<()> {
+    out.write_fmt(text)
+        .and_then(|_| out.write_all(b"\n"))
+        .map_err(|source| PipelineError::Io { path: "(stdout)".into(), source })
+}
+
+fn list(cli: &Cli, manifest: &Manifest, sel: &Selection, out: &mut dyn Write) -> Result<()> {
+    for m in select(manifest, sel)? {
+        let path = m.local_path(&cli.models_dir);
+        let state = if path.is_file() { "present" } else { "missing" };
+        let flows: Vec<&str> = m.flows.iter().map(|f| if *f == Flow::Train { "train" } else { "infer" }).collect();
+        print(
+            out,
+            format_args!(
+                "{:<20} {:<8} {:>9}  {:<11} {}",
+                m.name,
+                state,
+                m.approx_size,
+                flows.join(","),
+                path.display()
+            ),
+        )?;
+        print(out, format_args!("{:<20} {}; licence: {}; from {}", "", m.role, m.license, m.url(&cli.endpoint)))?;
+    }
+    Ok(())
+}
+
+fn fetch(
+    cli: &Cli,
+    manifest: &Manifest,
+    sel: &Selection,
+    out: &mut dyn Write,
+    observer: &dyn Observer,
+    cancel: &CancelToken,
+) -> Result<()> {
+    let models = select(manifest, sel)?;
+    if cli.offline {
+        let missing: Vec<_> = manifest
+            .missing(&cli.models_dir, None, &cli.endpoint)
+            .into_iter()
+            .filter(|m| models.iter().any(|s| s.name == m.name))
+            .collect();
+        if !missing.is_empty() {
+            return Err(PipelineError::ModelsMissing { models_dir: cli.models_dir.clone(), missing });
+        }
+        return print(out, format_args!("offline: all {} selected files are present", models.len()));
+    }
+    let token = std::env::var("HF_TOKEN").ok();
+    let downloader = Downloader::new(&cli.endpoint).with_token(token);
+    for m in models {
+        let fetched = downloader.fetch(m, &cli.models_dir, observer, cancel)?;
+        match (&fetched.sha256, fetched.downloaded) {
+            (Some(sha), true) => {
+                print(out, format_args!("{}: downloaded {} bytes, sha256 {sha}", m.name, fetched.size))?
+            }
+            _ => print(out, format_args!("{}: present ({} bytes)", m.name, fetched.size))?,
+        }
+    }
+    Ok(())
+}
+
+fn verify(
+    cli: &Cli,
+    manifest: &Manifest,
+    sel: &Selection,
+    out: &mut dyn Write,
+    observer: &dyn Observer,
+    cancel: &CancelToken,
+) -> Result<()> {
+    let mut missing = Vec::new();
+    let mut bad = Vec::new();
+    for m in select(manifest, sel)? {
+        let result = models::verify(m, &cli.models_dir, observer, cancel)?;
+        let line = match &result {
+            Verification::Missing => {
+                missing.extend(
+                    manifest.missing(&cli.models_dir, None, &cli.endpoint).into_iter().filter(|x| x.name == m.name),
+                );
+                "missing".to_string()
+            }
+            Verification::Verified { sha256 } => format!("ok, sha256 {sha256}"),
+            Verification::Unpinned { sha256, size } => {
+                format!("present, {size} bytes, sha256 {sha256} (the manifest publishes no sha256 to compare with)")
+            }
+            Verification::WrongSize { expected, actual } => format!("WRONG SIZE: {actual} bytes, expected {expected}"),
+            Verification::WrongChecksum { expected, actual } => format!("WRONG SHA256: {actual}, expected {expected}"),
+        };
+        if matches!(result, Verification::WrongSize { .. } | Verification::WrongChecksum { .. }) {
+            bad.push(format!("{} ({})", m.name, m.local_path(&cli.models_dir).display()));
+        }
+        print(out, format_args!("{}: {line}", m.name))?;
+    }
+    if !bad.is_empty() {
+        return Err(PipelineError::ModelsCorrupt { files: bad });
+    }
+    if !missing.is_empty() {
+        return Err(PipelineError::ModelsMissing { models_dir: cli.models_dir.clone(), missing });
+    }
+    Ok(())
+}
+
+fn train(cli: &Cli, manifest: &Manifest, args: &TrainArgs) -> Result<()> {
+    let id = UserId::new(&args.user_id)?;
+    let config: TrainConfig = load_config(args.config.config.as_deref(), &args.config.set)?;
+    config.validate()?;
+    let photos = images_in(&args.photos)?;
+    if photos.len() < MIN_TRAIN_PHOTOS {
+        return Err(PipelineError::TooFewPhotos {
+            path: args.photos.clone(),
+            found: photos.len(),
+            minimum: MIN_TRAIN_PHOTOS,
+        });
+    }
+    UserStore::new(&cli.root).check_new(&id)?;
+    manifest.require(&cli.models_dir, Some(Flow::Train), &cli.endpoint)?;
+    Err(PipelineError::NotImplemented {
+        stage: format!(
+            "the train flow (preprocessing, LoRA training, validation, fusion) for {} photos, {} steps",
+            photos.len(),
+            config.train_steps(photos.len())
+        ),
+    })
+}
+
+fn infer(cli: &Cli, manifest: &Manifest, args: &InferArgs) -> Result<()> {
+    let ids = args
+        .user_ids
+        .iter()
+        .map(|id| if id.trim().eq_ignore_ascii_case("none") { Ok(None) } else { UserId::new(id).map(Some) })
+        .collect::<Result<Vec<_>>>()?;
+    if ids.iter().all(Option::is_none) {
+        return Err(PipelineError::InvalidParameter {
+            field: "user-id".into(),
+            reason: "every user id is `none`".into(),
+        });
+    }
+    let config: InferConfig = load_config(args.config.config.as_deref(), &args.config.set)?;
+    config.validate()?;
+    let mut templates = Vec::new();
+    for path in &args.templates {
+        if path.is_dir() {
+            let found = images_in(path)?;
+            if found.is_empty() {
+                return Err(PipelineError::InvalidInput {
+                    path: path.clone(),
+                    reason: "no .jpg, .jpeg or .png template in this folder".into(),
+                });
+            }
+            templates.extend(found);
+        } else {
+            check_image(path)?;
+            templates.push(path.clone());
+        }
+    }
+    if args.output.exists() && !args.output.is_dir() {
+        return Err(PipelineError::InvalidInput {
+            path: args.output.clone(),
+            reason: "the output exists and is not a folder".into(),
+        });
+    }
+    let store = UserStore::new(&cli.root);
+    for id in ids.iter().flatten() {
+        store.check_ready(id)?;
+    }
+    manifest.require(&cli.models_dir, Some(Flow::Infer), &cli.endpoint)?;
+    Err(PipelineError::NotImplemented {
+        stage: format!(
+            "the infer flow (face fusion, two ControlNet inpaintings, colour shift) for {} template(s)",
+            templates.len()
+        ),
+    })
+}
+
+/// The images of a folder (`.jpg`, `.jpeg`, `.png`, sorted), each checked to be readable.
+fn images_in(dir: &Path) -> Result<Vec<PathBuf>> {
+    if !dir.is_dir() {
+        return Err(PipelineError::InvalidInput { path: dir.to_path_buf(), reason: "not a folder".into() });
+    }
+    let entries = std::fs::read_dir(dir).map_err(|source| PipelineError::Read { path: dir.to_path_buf(), source })?;
+    let mut images = Vec::new();
+    for entry in entries {
+        let path = entry.map_err(|source| PipelineError::Read { path: dir.to_path_buf(), source })?.path();
+        let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+        if path.is_file() && matches!(ext.as_deref(), Some("jpg" | "jpeg" | "png")) {
+            images.push(path);
+        }
+    }
+    images.sort();
+    images.iter().try_for_each(|p| check_image(p))?;
+    Ok(images)
+}
+
+/// Reads the header of an image: a typed error naming the file when it is not one.
+fn check_image(path: &Path) -> Result<()> {
+    let not_image = |reason: String| PipelineError::NotAnImage { path: path.to_path_buf(), reason };
+    let reader = image::ImageReader::open(path).map_err(|e| not_image(e.to_string()))?;
+    let (w, h) = reader
+        .with_guessed_format()
+        .map_err(|e| not_image(e.to_string()))?
+        .into_dimensions()
+        .map_err(|e| not_image(e.to_string()))?;
+    if w == 0 || h == 0 {
+        return Err(not_image(format!("{w}×{h} pixels")));
+    }
+    Ok(())
+}
