@@ -95,6 +95,21 @@ pub enum FaceError {
         found: Vec<usize>,
     },
 
+    /// Landmarks from which no similarity transform can be estimated (coincident points, mismatched
+    /// counts, an unsupported crop size).
+    #[error("cannot align landmarks: {reason}")]
+    DegenerateLandmarks {
+        /// What is wrong with them.
+        reason: String,
+    },
+
+    /// A detector found no face in the image.
+    #[error("no face found in {what}")]
+    NoFace {
+        /// The image searched (a file name, or a description such as "template image").
+        what: String,
+    },
+
     /// Any other ONNX Runtime error (for example while running a session).
     #[error(transparent)]
     Ort(#[from] ort::Error),

@@ -4,6 +4,8 @@
 //!   and wraps a session in [`OnnxModel`], with named f32/i32 inputs and f32 outputs.
 //! * [`preprocess`]: image decoding (EXIF orientation, grey, alpha, 16-bit, pixel limit) and
 //!   conversion to NCHW tensors.
+//! * [`align`]: five-point similarity alignment (Umeyama) and `cv2.warpAffine`-exact resampling.
+//! * [`detector`]: [`Face`], and the [`FaceDetector`] and [`FaceEmbedder`] traits.
 //! * [`geometry`]: EasyPhoto's box rules (expansion by a ratio, left-to-right order, roll score,
 //!   training box) and PIL-style crops.
 //! * [`ranking`]: identity ranking of training photos (mean-embedding pivot, reference photo, top 15).
@@ -11,6 +13,8 @@
 //! * [`masks`]: box and training masks, blending through feathered masks, paste-back.
 //! * [`error`]: [`FaceError`], which names the file or tensor at fault.
 
+pub mod align;
+pub mod detector;
 pub mod error;
 pub mod geometry;
 pub mod masks;
@@ -19,6 +23,8 @@ pub mod preprocess;
 pub mod ranking;
 pub mod runtime;
 
+pub use align::{ARCFACE_TEMPLATE, Affine, Similarity, estimate_norm, norm_crop, warp_affine};
+pub use detector::{Face, FaceDetector, FaceEmbedder, cosine_similarity, l2_normalize};
 pub use error::FaceError;
 pub use preprocess::{DecodeLimits, decode_rgb, load_rgb, load_rgb_with, to_nchw_signed};
 pub use runtime::{Input, OnnxModel, environment};

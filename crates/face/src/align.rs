@@ -1,0 +1,186 @@
+//! Face alignment: the least-squares similarity transform between landmark sets (Umeyama, as
+//! scikit-image's `SimilarityTransform.estimate`), insightface's ArcFace template and `norm_crop`,
+//! and [`warp_affine`], OpenCV's `cv2.warpAffine` with `INTER_LINEAR` and a constant black border.
+
+use image::{ImageBuffer, Pixel, RgbImage};
+
+use crate::FaceError;
+
+/// insightface's ArcFace destination landmarks for a 112×112 crop (left eye, right eye, nose tip,
+/// left and right mouth corners; "left" is the left of the image).
+pub const ARCFACE_TEMPLATE: [[f32; 2]; 5] =
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]];
+
+/// A 2×3 affine matrix `[[a, b, c], [d, e, f]]` mapping `(x, y)` to `(a x + b y + c, d x + e y + f)`,
+/// the layout `cv2.warpAffine` takes.
+pub type Affine = [[f64; 3]; 2];
+
+/// A similarity transform: rotation, uniform scale and translation,
+/// `x' = a x - b y + tx`, `y' = b x + a y + ty` (no reflection).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Similarity {
+    /// `scale · cos(angle)`.
+    pub a: f64,
+    /// `scale · sin(angle)`.
+    pub b: f64,
+    /// Translation along x.
+    pub tx: f64,
+    /// Translation along y.
+    pub ty: f64,
+}
+
+impl Similarity {
+    /// The least-squares similarity taking `src` onto `dst` (Umeyama 1991 with scale estimation, the
+    /// transform of `skimage.transform.SimilarityTransform.estimate` and insightface's
+    /// `estimate_norm`).
+    ///
+    /// In 2-D the optimal rotation has a closed form, `atan2(Σ dy·sx − dx·sy, Σ dx·sx + dy·sy)` on the
+    /// centred points, and equals scikit-image's SVD solution (including its reflection handling:
+    /// like Umeyama it never returns a reflection). Errors when the point counts differ, when there
+    /// are fewer than two points, or when `src` or `dst` collapses to a single point.
+    pub fn estimate(src: &[[f32; 2]], dst: &[[f32; 2]]) -> Result<Self, FaceError> {
+        if src.len() != dst.len() || src.len() < 2 {
+            return Err(FaceError::DegenerateLandmarks {
+                reason: format!(
+                    "{} source and {} destination points (need equal counts, at least 2)",
+                    src.len(),
+                    dst.len()
+                ),
+            });
+        }
+        let n = src.len() as f64;
+        let mean = |pts: &[[f32; 2]]| {
+            let (sx, sy) = pts.iter().fold((0.0, 0.0), |(x, y), p| (x + f64::from(p[0]), y + f64::from(p[1])));
+            (sx / n, sy / n)
+        };
+        let (smx, smy) = mean(src);
+        let (dmx, dmy) = mean(dst);
+        let (mut dot, mut cross, mut src_var, mut dst_var) = (0.0, 0.0, 0.0, 0.0);
+        for (s, d) in src.iter().zip(dst) {
+            let (sx, sy) = (f64::from(s[0]) - smx, f64::from(s[1]) - smy);
+            let (dx, dy) = (f64::from(d[0]) - dmx, f64::from(d[1]) - dmy);
+            dot += dx * sx + dy * sy;
+            cross += dy * sx - dx * sy;
+            src_var += sx * sx + sy * sy;
+            dst_var += dx * dx + dy * dy;
+        }
+        if src_var <= f64::EPSILON * (smx * smx + smy * smy).max(1.0) || dst_var == 0.0 {
+            return Err(FaceError::DegenerateLandmarks { reason: "all points coincide".to_string() });
+        }
+        let (a, b) = (dot / src_var, cross / src_var);
+        Ok(Self { a, b, tx: dmx - (a * smx - b * smy), ty: dmy - (b * smx + a * smy) })
+    }
+
+    /// The 2×3 matrix (`tform.params[:2]` in scikit-image).
+    pub fn matrix(&self) -> Affine {
+        [[self.a, -self.b, self.tx], [self.b, self.a, self.ty]]
+    }
+
+    /// The uniform scale factor.
+    pub fn scale(&self) -> f64 {
+        self.a.hypot(self.b)
+    }
+
+    /// The rotation angle in radians (counter-clockwise in a y-up frame, clockwise on screen).
+    pub fn rotation(&self) -> f64 {
+        self.b.atan2(self.a)
+    }
+
+    /// Maps a point.
+    pub fn apply(&self, [x, y]: [f32; 2]) -> [f32; 2] {
+        let (x, y) = (f64::from(x), f64::from(y));
+        [(self.a * x - self.b * y + self.tx) as f32, (self.b * x + self.a * y + self.ty) as f32]
+    }
+}
+
+/// insightface's `estimate_norm`: the similarity taking five landmarks onto [`ARCFACE_TEMPLATE`]
+/// scaled to a `size`×`size` crop (`size` a multiple of 112; for a multiple of 128 the template is
+/// scaled by `size/128` and shifted right by `8·size/128`, as insightface does).
+pub fn estimate_norm(landmarks: &[[f32; 2]; 5], size: u32) -> Result<Similarity, FaceError> {
+    let (ratio, shift) = if size.is_multiple_of(112) {
+        (size as f32 / 112.0, 0.0)
+    } else if size.is_multiple_of(128) {
+        let ratio = size as f32 / 128.0;
+        (ratio, 8.0 * ratio)
+    } else {
+        return Err(FaceError::DegenerateLandmarks {
+            reason: format!("crop size {size} is neither a multiple of 112 nor of 128"),
+        });
+    };
+    let dst = ARCFACE_TEMPLATE.map(|[x, y]| [x * ratio + shift, y * ratio]);
+    Similarity::estimate(landmarks, &dst)
+}
+
+/// insightface's `norm_crop`: the `size`×`size` ArcFace-aligned crop of the face with these five
+/// landmarks (`cv2.warpAffine(img, estimate_norm(lmk, size), (size, size), borderValue=0)`).
+pub fn norm_crop(img: &RgbImage, landmarks: &[[f32; 2]; 5], size: u32) -> Result<RgbImage, FaceError> {
+    let transform = estimate_norm(landmarks, size)?;
+    Ok(warp_affine(img, &transform.matrix(), size, size))
+}
+
+/// `cv2.invertAffineTransform`, in the same floating-point order; a singular matrix gives zeros.
+pub fn invert_affine(m: &Affine) -> Affine {
+    let det = m[0][0] * m[1][1] - m[0][1] * m[1][0];
+    let det = if det != 0.0 { 1.0 / det } else { 0.0 };
+    let (a11, a22) = (m[1][1] * det, m[0][0] * det);
+    let (a12, a21) = (-m[0][1] * det, -m[1][0] * det);
+    let b1 = -a11 * m[0][2] - a12 * m[1][2];
+    let b2 = -a21 * m[0][2] - a22 * m[1][2];
+    [[a11, a12, b1], [a21, a22, b2]]
+}
+
+/// `cv2.warpAffine(img, m, (width, height))` with its defaults: `m` maps source to destination
+/// pixels, bilinear interpolation, pixels outside the source read as 0.
+///
+/// Follows OpenCV 4.11+/5's floating-point kernels: the inverse matrix ([`invert_affine`]) in
+/// f64, each row's offset rounded to f32, source positions `fma(m00, x, row offset)` in f32,
+/// bilinear blending as two f32 `fma` lerps (horizontal, then vertical) and rounding half to even.
+/// Any 8-bit pixel type works (RGB, luma masks, ...). A destination pixel whose 2×2 neighbourhood
+/// lies wholly outside the source is 0; one that straddles the edge blends with 0.
+pub fn warp_affine<P>(img: &ImageBuffer<P, Vec<u8>>, m: &Affine, width: u32, height: u32) -> ImageBuffer<P, Vec<u8>>
+where
+    P: Pixel<Subpixel = u8>,
+{
+    let inv = invert_affine(m);
+    let channels = usize::from(P::CHANNEL_COUNT);
+    let (src_w, src_h) = (i64::from(img.width()), i64::from(img.height()));
+    let src = img.as_raw();
+    let stride = src_w as usize * channels;
+    let (m00, m10) = (f64::from(inv[0][0] as f32), f64::from(inv[1][0] as f32));
+    // One rounding, as a fused multiply-add: the f64 product of two f32 values is exact.
+    let fma = |a: f64, x: f64, c: f32| (a * x + f64::from(c)) as f32;
+    let lerp = |t: f32, a: f32, b: f32| (f64::from(t) * f64::from(b - a) + f64::from(a)) as f32;
+    let sample = |x: i64, y: i64, c: usize| -> f32 {
+        if x >= 0 && y >= 0 && x < src_w && y < src_h {
+            f32::from(src[y as usize * stride + x as usize * channels + c])
+        } else {
+            0.0
+        }
+    };
+
+    let row_len = width as usize * channels;
+    let mut out = vec![0u8; row_len * height as usize];
+    let fill_row = |y: usize, row: &mut [u8]| {
+        let y = y as f64;
+        let (row_x, row_y) = ((y * inv[0][1] + inv[0][2]) as f32, (y * inv[1][1] + inv[1][2]) as f32);
+        for (x, px) in row.chunks_exact_mut(channels).enumerate() {
+            let (sx, sy) = (fma(m00, x as f64, row_x), fma(m10, x as f64, row_y));
+            let (fx, fy) = (sx.floor(), sy.floor());
+            let (ix, iy) = (fx as i64, fy as i64);
+            if ix >= src_w || ix + 1 < 0 || iy >= src_h || iy + 1 < 0 {
+                continue; // wholly outside: the border value 0
+            }
+            let (ax, ay) = (sx - fx, sy - fy);
+            for (c, value) in px.iter_mut().enumerate() {
+                let top = lerp(ax, sample(ix, iy, c), sample(ix + 1, iy, c));
+                let bottom = lerp(ax, sample(ix, iy + 1, c), sample(ix + 1, iy + 1, c));
+                *value = lerp(ay, top, bottom).round_ties_even().clamp(0.0, 255.0) as u8;
+            }
+        }
+    };
+    if row_len > 0 {
+        use rayon::prelude::*;
+        out.par_chunks_exact_mut(row_len).enumerate().for_each(|(y, row)| fill_row(y, row));
+    }
+    ImageBuffer::from_raw(width, height, out).expect("buffer sized width × height × channels")
+}
