@@ -11,9 +11,11 @@
 //! * [`ranking`]: identity ranking of training photos (mean-embedding pivot, reference photo, top 15).
 //! * [`morphology`]: `cv2.dilate` / `erode` / `MORPH_CLOSE` / `blur`-exact mask operations.
 //! * [`masks`]: box and training masks, blending through feathered masks, paste-back.
+//! * [`color`]: OpenCV-exact 8-bit L\*a\*b\* and EasyPhoto's colour shift (Reinhard transfer).
 //! * [`error`]: [`FaceError`], which names the file or tensor at fault.
 
 pub mod align;
+pub mod color;
 pub mod detector;
 pub mod error;
 pub mod geometry;
