@@ -35,6 +35,17 @@ pub enum ControlNetError {
         /// Why it maps to nothing.
         reason: String,
     },
+    /// An input tensor has the wrong shape or is missing.
+    #[error("invalid input `{field}`: {reason}")]
+    InvalidInput {
+        /// Name of the input.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Reading a checkpoint or config failed (unreadable file, missing keys, wrong shapes).
+    #[error(transparent)]
+    Diffusion(#[from] easyphoto_diffusion::DiffusionError),
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

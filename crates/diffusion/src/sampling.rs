@@ -85,6 +85,41 @@ pub enum Flow {
     Cancel,
 }
 
+/// What a [`ResidualProvider`] sees before each UNet call.
+#[derive(Debug)]
+pub struct StepInput<'a> {
+    /// 0-based index of the step among the steps this run executes, and their number.
+    pub step: usize,
+    pub total: usize,
+    pub timestep: f64,
+    /// The UNet's latent input after `scale_model_input`, before any inpainting channels are
+    /// concatenated: `[B, 4, h, w]`, or `[2B, 4, h, w]` under guidance.
+    pub sample: &'a Tensor,
+    /// The encoder states batched like `sample`.
+    pub context: &'a Tensor,
+    /// SDXL's `text_embeds` / `time_ids`, batched like `sample`.
+    pub conditioning: &'a UNetConditioning<'a>,
+    /// Whether the batch is classifier-free guided: then its first `batch` rows are the negative
+    /// (unconditional) branch and the last `batch` rows the positive (conditional) one.
+    pub guided: bool,
+    pub batch: usize,
+}
+
+/// Residuals added to the UNet's skip connections and mid block at one step (what ControlNets
+/// produce), batched like [`StepInput::sample`].
+#[derive(Debug, Clone)]
+pub struct Residuals {
+    pub down: Vec<Tensor>,
+    pub mid: Tensor,
+}
+
+/// Supplies per-step UNet residuals to the sampling loop; the loop knows nothing of where they
+/// come from.
+pub trait ResidualProvider {
+    /// The residuals for this step, or `None` to run the UNet without any.
+    fn residuals(&mut self, input: &StepInput) -> Result<Option<Residuals>>;
+}
+
 /// Runs the denoising loop and returns the final latents (still scaled by the VAE's factor).
 /// `noise` supplies every random draw after the initial latents, in diffusers' order (the
 /// img2img / inpainting `add_noise` draw first, then the scheduler's per-step draws).
@@ -100,6 +135,22 @@ pub fn denoise(
     options: &SamplingOptions,
     noise: &mut dyn NoiseSource,
     progress: &mut dyn FnMut(&Progress) -> Flow,
+) -> Result<Tensor> {
+    denoise_with_residuals(unet, scheduler, text, start, inpaint, options, noise, progress, None)
+}
+
+/// [`denoise`] with a [`ResidualProvider`] consulted before every UNet call (ControlNets).
+#[allow(clippy::too_many_arguments)]
+pub fn denoise_with_residuals(
+    unet: &UNet2DConditionModel,
+    scheduler: &mut dyn Scheduler,
+    text: &TextConditioning,
+    start: Start,
+    inpaint: Option<&Inpaint>,
+    options: &SamplingOptions,
+    noise: &mut dyn NoiseSource,
+    progress: &mut dyn FnMut(&Progress) -> Flow,
+    mut residuals: Option<&mut dyn ResidualProvider>,
 ) -> Result<Tensor> {
     scheduler.set_timesteps(options.num_inference_steps)?;
     // The draw that made the starting latents is also the noise that re-noises the known region
@@ -142,6 +193,19 @@ pub fn denoise(
     for (i, &t) in timesteps.iter().enumerate() {
         let input = if guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
         let mut input = scheduler.scale_model_input(&input, t)?;
+        let extra = match residuals.as_deref_mut() {
+            Some(provider) => provider.residuals(&StepInput {
+                step: i,
+                total,
+                timestep: t,
+                sample: &input,
+                context: &context,
+                conditioning: &cond,
+                guided,
+                batch,
+            })?,
+            None => None,
+        };
         if let Some(Inpaint::Conditioned { mask, masked_image_latents }) = inpaint {
             let extra = if guided {
                 (Tensor::cat(&[mask, mask], 0)?, Tensor::cat(&[masked_image_latents, masked_image_latents], 0)?)
@@ -151,7 +215,12 @@ pub fn denoise(
             input = Tensor::cat(&[&input, &extra.0.to_dtype(input.dtype())?, &extra.1.to_dtype(input.dtype())?], 1)?;
         }
         let timestep = Tensor::new(&[t as f32], latents.device())?;
-        let pred = unet.forward(&input, &timestep, &context, &cond)?;
+        let step_cond = UNetConditioning {
+            down_block_additional_residuals: extra.as_ref().map(|r| r.down.as_slice()),
+            mid_block_additional_residual: extra.as_ref().map(|r| &r.mid),
+            ..cond
+        };
+        let pred = unet.forward(&input, &timestep, &context, &step_cond)?;
         let pred = if guided {
             let (uncond, cond) = (pred.narrow(0, 0, batch)?, pred.narrow(0, batch, batch)?);
             (&uncond + ((cond - &uncond)? * options.guidance_scale)?)?
