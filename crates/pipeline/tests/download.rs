@@ -228,3 +228,32 @@ fn cancel_keeps_the_part_and_a_later_fetch_resumes_it() {
     assert_eq!(std::fs::read(&fetched.path).unwrap(), body);
     assert_eq!(server.seen().last().unwrap().range, Some(format!("bytes={kept}-")));
 }
+
+#[test]
+fn ranges_survive_the_redirect_to_the_file_host() {
+    let body = bytes(100_000, 8);
+    let server = Server::start();
+    server.route(PATH, Route { redirect: Some(format!("{}/cdn/blob", server.base)), ..Route::default() });
+    server.route("/cdn/blob", Route { body: body.clone(), cut: vec![30_000], ..Route::default() });
+    let dir = tempfile::tempdir().unwrap();
+    let m = model(&sha256_hex(&body), Some(body.len() as u64));
+    let fetched = downloader(&server).fetch(&m, dir.path(), &Silent, &CancelToken::new()).unwrap();
+    assert_eq!(std::fs::read(&fetched.path).unwrap(), body);
+    let seen = server.seen();
+    assert_eq!(seen.len(), 4, "{seen:?}");
+    assert_eq!(seen[3], Seen { path: "/cdn/blob".into(), range: Some("bytes=30000-".into()) });
+}
+
+#[test]
+fn a_disk_error_names_the_path() {
+    let server = Server::start();
+    server.route(PATH, Route { body: bytes(1000, 9), ..Route::default() });
+    let dir = tempfile::tempdir().unwrap();
+    // The file's folder cannot be created: a file stands in its place.
+    std::fs::write(dir.path().join("sub"), b"not a folder").unwrap();
+    match downloader(&server).fetch(&model("unknown", None), dir.path(), &Silent, &CancelToken::new()) {
+        Err(PipelineError::Io { path, .. }) => assert_eq!(path, dir.path().join("sub")),
+        other => panic!("{other:?}"),
+    }
+    assert!(server.seen().is_empty(), "nothing is requested when the file cannot be written");
+}

@@ -21,6 +21,8 @@ pub struct Route {
     pub ignore_range: bool,
     /// Answer every request with this status and no body.
     pub status: Option<u16>,
+    /// Answer `302 Found` pointing here (as the Hugging Face hub does towards its CDN).
+    pub redirect: Option<String>,
 }
 
 /// One request as the server saw it: path and `Range` header.
@@ -107,6 +109,12 @@ fn serve(
     let Some(route) = routes.get_mut(&path) else {
         return stream.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
     };
+    if let Some(location) = &route.redirect {
+        return stream.write_all(
+            format!("HTTP/1.1 302 Found\r\nLocation: {location}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        );
+    }
     if let Some(status) = route.status {
         return stream.write_all(
             format!("HTTP/1.1 {status} Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes(),
