@@ -10,6 +10,11 @@ Writes crates/controlnet/tests/fixtures/openpose/:
 - body_model_io.safetensors  `input` [1, 3, 24, 24] and controlnet_aux bodypose_model's `paf`
                              [1, 38, 3, 3] / `heat` [1, 19, 3, 3] with the formula weights below
 - body_model_partial.pth     a zip .pth holding only conv1_1.{weight,bias} (missing-key test)
+- decode_maps.safetensors    heat maps [H, W, 19] and PAFs [H, W, 38] synthesised from known skeletons,
+                             stored sparse (`heat_index`/`heat_value`, `paf_index`/`paf_value`: flat
+                             indices and values of the non-zeros), plus `shape` = [H, W]
+- decode_expected.json       controlnet_aux Body's `candidate` and `subset` tables on those maps (its
+                             network replaced by one returning the maps, its resizes by identities)
 
 The body network's 52M weights are not stored: both sides compute them from an integer hash
 (splitmix64-style, `formula_weights`), element i of the t-th key in sorted order:
@@ -131,12 +136,104 @@ def body_model_fixture():
     torch.save(partial, OUT / "body_model_partial.pth")
 
 
+# The 19 scored limbs (0-based OpenPose parts) and their PAF channels, from controlnet_aux's
+# limbSeq / mapIdx.
+LIMBS = [[2, 3], [2, 6], [3, 4], [4, 5], [6, 7], [7, 8], [2, 9], [9, 10], [10, 11], [2, 12], [12, 13], [13, 14],
+         [2, 1], [1, 15], [15, 17], [1, 16], [16, 18], [3, 17], [6, 18]]
+MAP_IDX = [[31, 32], [39, 40], [33, 34], [35, 36], [41, 42], [43, 44], [19, 20], [21, 22], [23, 24], [25, 26],
+           [27, 28], [29, 30], [47, 48], [49, 50], [53, 54], [51, 52], [55, 56], [37, 38], [45, 46]]
+
+
+def synthesise_maps(people, h, w, sigma=2.0, half_width=3.0):
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
+    heat = np.zeros((h, w, 19), np.float32)
+    paf = np.zeros((h, w, 38), np.float32)
+    for person in people:
+        for part, point in enumerate(person):
+            if point is None:
+                continue
+            d2 = (xs - point[0]) ** 2 + (ys - point[1]) ** 2
+            g = np.where(d2 <= (3 * sigma) ** 2, np.exp(-d2 / (2 * sigma * sigma)), 0.0).astype(np.float32)
+            heat[:, :, part] = np.maximum(heat[:, :, part], g)
+        for (a, b), (cx, cy) in zip(LIMBS, MAP_IDX):
+            pa, pb = person[a - 1], person[b - 1]
+            if pa is None or pb is None:
+                continue
+            vx, vy = pb[0] - pa[0], pb[1] - pa[1]
+            norm = np.hypot(vx, vy)
+            ux, uy = vx / norm, vy / norm
+            along = (xs - pa[0]) * ux + (ys - pa[1]) * uy
+            across = np.abs((xs - pa[0]) * uy - (ys - pa[1]) * ux)
+            on = (along >= -half_width) & (along <= norm + half_width) & (across <= half_width)
+            paf[:, :, cx - 19][on] = ux
+            paf[:, :, cy - 19][on] = uy
+    return heat, paf
+
+
+def decode_fixture():
+    import torch
+    from safetensors.torch import save_file
+    from controlnet_aux.open_pose import body as body_module
+    from controlnet_aux.open_pose import util
+
+    h, w = 128, 160
+    rng = np.random.default_rng(7)
+
+    def person(x0, y0, s):
+        # A frontal skeleton of scale s around (x0, y0), with sub-pixel jitter.
+        shape = [(0, -34), (0, -24), (-9, -24), (-12, -10), (-13, 3), (9, -24), (12, -10), (13, 3), (-5, 2),
+                 (-6, 18), (-6, 33), (5, 2), (6, 18), (6, 33), (-3, -37), (3, -37), (-6, -35), (6, -35)]
+        return [[x0 + dx * s + rng.uniform(-0.4, 0.4), y0 + dy * s + rng.uniform(-0.4, 0.4)] for dx, dy in shape]
+
+    first = person(45, 64, 1.6)
+    second = person(118, 66, 1.4)
+    second[4] = None  # right wrist missing
+    second[13] = None  # left ankle missing
+    fragment = [None] * 18  # two parts only: dropped by the subset filter
+    fragment[9], fragment[10] = [150.0, 110.0], [153.0, 122.0]
+    people = [first, second, fragment]
+    heat, paf = synthesise_maps(people, h, w)
+
+    class FakeNetwork(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            to = lambda m: torch.from_numpy(np.ascontiguousarray(m.transpose(2, 0, 1)[None]))
+            return to(paf), to(heat)
+
+    originals = util.smart_resize, util.smart_resize_k
+    util.smart_resize = lambda x, s: x
+    util.smart_resize_k = lambda x, fx, fy: x
+    try:
+        estimator = body_module.Body.__new__(body_module.Body)
+        estimator.model = FakeNetwork()
+        candidate, subset = estimator(np.zeros((h, w, 3), np.uint8))
+    finally:
+        util.smart_resize, util.smart_resize_k = originals
+    print("decode:", len(candidate), "candidates,", len(subset), "people")
+
+    def sparse(m):
+        flat = m.reshape(-1)
+        index = np.nonzero(flat)[0]
+        return torch.from_numpy(index.astype(np.int64)), torch.from_numpy(flat[index])
+
+    heat_index, heat_value = sparse(heat)
+    paf_index, paf_value = sparse(paf)
+    save_file({"heat_index": heat_index, "heat_value": heat_value, "paf_index": paf_index, "paf_value": paf_value,
+               "shape": torch.tensor([h, w], dtype=torch.int64)}, OUT / "decode_maps.safetensors")
+    save_json("decode_expected.json", {"people": people, "candidate": np.asarray(candidate).tolist(),
+                                       "subset": np.asarray(subset).tolist()})
+
+
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(20240607)
     save_json("ellipse2poly.json", ellipse_cases(rng))
     save_json("draw_bodypose.json", draw_cases(rng))
     body_model_fixture()
+    decode_fixture()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ use candle_nn::VarBuilder;
 use easyphoto_controlnet::preprocess::PreprocessError;
 use easyphoto_controlnet::preprocess::openpose::body_model::checkpoint_keys;
 use easyphoto_controlnet::preprocess::openpose::draw::ellipse_to_polygon;
-use easyphoto_controlnet::preprocess::openpose::{Body, BodyPoseModel, Keypoint, MoveNet, draw_bodypose};
+use easyphoto_controlnet::preprocess::openpose::{
+    Body, BodyPoseModel, Keypoint, MoveNet, PoseMaps, decode, draw_bodypose,
+};
 use image::RgbImage;
 use serde_json::Value;
 
@@ -177,4 +179,70 @@ fn body_model_names_the_missing_weight() {
     }
     let corrupt = crate_path("tests/fixtures/openpose/draw_bodypose.json");
     assert!(matches!(BodyPoseModel::load(&corrupt, &Device::Cpu), Err(PreprocessError::Checkpoint { .. })));
+}
+
+/// Dense `[H, W, C]` f64 map from the fixture's sparse indices and values.
+fn dense(io: &HashMap<String, Tensor>, name: &str, len: usize) -> Result<Vec<f64>> {
+    let index = io[&format!("{name}_index")].to_vec1::<i64>()?;
+    let value = io[&format!("{name}_value")].to_vec1::<f32>()?;
+    let mut map = vec![0f64; len];
+    for (i, v) in index.into_iter().zip(value) {
+        map[i as usize] = f64::from(v);
+    }
+    Ok(map)
+}
+
+/// Peaks and limb scores are computed in f64 in the same operation order as controlnet_aux; only the
+/// Gaussian's `exp` and summation may differ in the last bits.
+const DECODE_TOLERANCE: f64 = 1e-9;
+
+#[test]
+fn decoding_matches_controlnet_aux_on_synthesised_skeletons() -> Result<()> {
+    let io =
+        candle_core::safetensors::load(crate_path("tests/fixtures/openpose/decode_maps.safetensors"), &Device::Cpu)?;
+    let shape = io["shape"].to_vec1::<i64>()?;
+    let (h, w) = (shape[0] as usize, shape[1] as usize);
+    let heatmaps = dense(&io, "heat", h * w * 19)?;
+    let pafs = dense(&io, "paf", h * w * 38)?;
+    let decoded = decode(&PoseMaps { width: w, height: h, heatmaps: &heatmaps, pafs: &pafs });
+
+    let expected = fixture_json("decode_expected.json")?;
+    let table = |name: &str| -> Result<Vec<Vec<f64>>> {
+        expected[name]
+            .as_array()
+            .context("table")?
+            .iter()
+            .map(|row| row.as_array().context("row")?.iter().map(|v| v.as_f64().context("number")).collect())
+            .collect()
+    };
+    let (candidates, subset) = (table("candidate")?, table("subset")?);
+    assert_eq!(decoded.candidates.len(), candidates.len(), "number of peaks");
+    assert_eq!(decoded.subset.len(), subset.len(), "number of people");
+    let mut worst = 0f64;
+    for (ours, theirs) in decoded
+        .candidates
+        .iter()
+        .map(|r| &r[..])
+        .chain(decoded.subset.iter().map(|r| &r[..]))
+        .zip(candidates.iter().chain(&subset))
+    {
+        assert_eq!(ours.len(), theirs.len());
+        for (a, b) in ours.iter().zip(theirs) {
+            worst = worst.max((a - b).abs());
+        }
+    }
+    println!("decode: {} peaks, {} people, max abs difference {worst:.3e}", candidates.len(), subset.len());
+    assert!(worst < DECODE_TOLERANCE, "tables differ by {worst}");
+
+    // The people found are the synthesised skeletons (within the peak's pixel rounding).
+    let people = expected["people"].as_array().context("people")?;
+    for (body, person) in decoded.bodies(w, h).iter().zip(people) {
+        for (part, point) in body.iter().zip(person.as_array().context("person")?) {
+            if let (Some(k), Some(p)) = (part, point.as_array()) {
+                let (px, py) = (p[0].as_f64().context("x")?, p[1].as_f64().context("y")?);
+                assert!((k.x * w as f64 - px).abs() <= 1.0 && (k.y * h as f64 - py).abs() <= 1.0);
+            }
+        }
+    }
+    Ok(())
 }
