@@ -6,6 +6,8 @@
 //!   conversion to NCHW tensors.
 //! * [`align`]: five-point similarity alignment (Umeyama) and `cv2.warpAffine`-exact resampling.
 //! * [`detector`]: [`Face`], and the [`FaceDetector`] and [`FaceEmbedder`] traits.
+//! * [`mtcnn`]: the built-in MTCNN detector (embedded weights, no download).
+//! * [`resample`]: `cv2.resize`-exact `INTER_LINEAR` / `INTER_AREA` for the detectors' inputs.
 //! * [`geometry`]: EasyPhoto's box rules (expansion by a ratio, left-to-right order, roll score,
 //!   training box) and PIL-style crops.
 //! * [`ranking`]: identity ranking of training photos (mean-embedding pivot, reference photo, top 15).
@@ -23,12 +25,15 @@ pub mod fusion;
 pub mod geometry;
 pub mod masks;
 pub mod morphology;
+pub mod mtcnn;
 pub mod preprocess;
 pub mod ranking;
+pub mod resample;
 pub mod runtime;
 
 pub use align::{ARCFACE_TEMPLATE, Affine, Similarity, estimate_norm, norm_crop, warp_affine};
 pub use detector::{Face, FaceDetector, FaceEmbedder, cosine_similarity, l2_normalize};
 pub use error::FaceError;
+pub use mtcnn::{Mtcnn, MtcnnConfig};
 pub use preprocess::{DecodeLimits, decode_rgb, load_rgb, load_rgb_with, to_nchw_signed};
 pub use runtime::{Input, OnnxModel, environment};

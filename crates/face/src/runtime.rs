@@ -132,6 +132,21 @@ impl OnnxModel {
             .and_then(|builder| builder.with_intra_threads(threads).map_err(ort::Error::from))
             .and_then(|mut builder| builder.commit_from_file(path))
             .map_err(|source| FaceError::ModelLoad { path: path.to_path_buf(), source })?;
+        Ok(Self::from_session(session))
+    }
+
+    /// Loads a model from its bytes (for models embedded in the binary); `name` stands for the
+    /// path in errors.
+    pub fn from_memory(bytes: &[u8], name: &str, threads: usize) -> Result<Self, FaceError> {
+        let env = environment()?;
+        let session = Session::builder(&env)
+            .and_then(|builder| builder.with_intra_threads(threads).map_err(ort::Error::from))
+            .and_then(|mut builder| builder.commit_from_memory(bytes))
+            .map_err(|source| FaceError::ModelLoad { path: PathBuf::from(name), source })?;
+        Ok(Self::from_session(session))
+    }
+
+    fn from_session(session: Session) -> Self {
         let inputs = session
             .inputs()
             .iter()
@@ -140,7 +155,7 @@ impl OnnxModel {
                 (outlet.name().to_string(), shape)
             })
             .collect();
-        Ok(Self { session: Mutex::new(session), inputs })
+        Self { session: Mutex::new(session), inputs }
     }
 
     /// Runs the model on named inputs and returns every output, by name, as an f32 array.
