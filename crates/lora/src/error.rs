@@ -21,14 +21,6 @@ pub enum LoraError {
         /// What the safetensors parser reported.
         reason: String,
     },
-    /// A key that is not `<module>.lora_down.weight`, `<module>.lora_up.weight` or `<module>.alpha`.
-    #[error("unsupported key `{key}` in `{file}` (only kohya LoRA down/up/alpha keys are)")]
-    UnsupportedKey {
-        /// The file.
-        file: String,
-        /// The key.
-        key: String,
-    },
     /// A tensor of the file that candle cannot load (e.g. an unsupported dtype).
     #[error("cannot load tensor `{key}` of `{file}`: {source}")]
     LoadTensor {
@@ -117,6 +109,95 @@ pub enum LoraError {
         /// Shape of the LoRA delta.
         delta: Vec<usize>,
     },
+    /// A LoRA file could not be written (the temp file is removed, the target left untouched).
+    #[error("cannot write LoRA file `{}`: {source}", file.display())]
+    Write {
+        /// The file.
+        file: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A safetensors metadata value that cannot be understood.
+    #[error("metadata `{key}` of `{file}`: {reason}")]
+    Metadata {
+        /// The file.
+        file: String,
+        /// The metadata key (or config field).
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A LoRA trained for another base model family than the model it is applied to.
+    #[error("`{file}` is a LoRA for {lora} ({evidence}), the model is {model}")]
+    WrongBase {
+        /// The LoRA file.
+        file: String,
+        /// The family the LoRA was built for.
+        lora: crate::BaseFamily,
+        /// The family of the model.
+        model: crate::BaseFamily,
+        /// What the LoRA's family was read from.
+        evidence: String,
+    },
+    /// A module whose delta does not fit the layer it resolves to.
+    #[error("`{file}`: module `{module}` gives a delta of shape {delta:?} for a layer of shape {weight:?}")]
+    ModuleShape {
+        /// The LoRA file.
+        file: String,
+        /// The kohya module name.
+        module: String,
+        /// Shape of the layer's weight.
+        weight: Vec<usize>,
+        /// Shape of the LoRA delta.
+        delta: Vec<usize>,
+    },
+    /// Modules or keys of a LoRA that adapt nothing in the model (strict application).
+    #[error("`{file}`: {} module(s) match no layer of the model: {}", names.len(), names.join(", "))]
+    Unmatched {
+        /// The LoRA file.
+        file: String,
+        /// The kohya module names (or unsupported keys).
+        names: Vec<String>,
+    },
+    /// LoRAs that cannot be averaged together.
+    #[error("cannot fuse LoRAs: {reason}")]
+    Fuse {
+        /// Why.
+        reason: String,
+    },
+    /// A training configuration value that cannot be used.
+    #[error("training config `{field}`: {reason}")]
+    Config {
+        /// The field.
+        field: String,
+        /// Why.
+        reason: String,
+    },
+    /// The training loss became NaN or infinite.
+    #[error("training loss is {loss} at step {step}")]
+    NonFiniteLoss {
+        /// The optimizer step (1-based) whose loss was not finite.
+        step: usize,
+        /// The loss.
+        loss: f32,
+    },
+    /// The progress callback asked to stop.
+    #[error("training cancelled at step {step}")]
+    Cancelled {
+        /// The last completed optimizer step.
+        step: usize,
+    },
+    /// A training state file (optimizer / RNG / step) that cannot be read back.
+    #[error("training state `{}`: {reason}", file.display())]
+    TrainState {
+        /// The file.
+        file: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// An error of the diffusion models.
+    #[error(transparent)]
+    Diffusion(#[from] easyphoto_diffusion::DiffusionError),
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

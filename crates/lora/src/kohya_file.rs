@@ -1,5 +1,8 @@
-//! kohya-ss sd-scripts LoRA files: per module `<name>.lora_down.weight`,
-//! `<name>.lora_up.weight` and an optional scalar `<name>.alpha`.
+//! kohya-ss sd-scripts / A1111 LoRA files: per module `<name>.lora_down.weight`,
+//! `<name>.lora_up.weight` and an optional scalar `<name>.alpha`, plus string metadata
+//! (`ss_base_model_version`, `ss_network_dim`, ...). [`KohyaLora`] is also the crate's in-memory
+//! form of a LoRA: diffusers/peft files are converted to kohya names when read
+//! ([`crate::peft_file`]).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -33,10 +36,15 @@ impl KohyaModule {
     }
 }
 
-/// A parsed kohya LoRA file: modules by kohya name (e.g. `lora_unet_..._attn1_to_q`).
+/// A LoRA: modules by kohya name (e.g. `lora_unet_..._attn1_to_q`), the file's metadata, and the
+/// keys that were not LoRA down/up/alpha tensors (DoRA scales, LyCORIS factors, ...), which are
+/// reported rather than dropped silently.
 #[derive(Debug, Clone)]
 pub struct KohyaLora {
+    file: String,
     modules: BTreeMap<String, KohyaModule>,
+    metadata: BTreeMap<String, String>,
+    unsupported: Vec<String>,
 }
 
 #[derive(Default)]
@@ -47,35 +55,46 @@ struct Parts {
 }
 
 impl KohyaLora {
-    /// Reads and parses the file at `path`, loading its tensors onto `device`.
+    /// A LoRA from modules already in memory; `file` names it in errors.
+    pub fn new(
+        file: impl Into<String>,
+        modules: BTreeMap<String, KohyaModule>,
+        metadata: BTreeMap<String, String>,
+    ) -> Self {
+        Self { file: file.into(), modules, metadata, unsupported: vec![] }
+    }
+
+    /// Reads and parses the kohya file at `path`, loading its tensors onto `device`.
     pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self, LoraError> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|source| LoraError::Io { file: path.to_path_buf(), source })?;
+        let bytes = read(path)?;
         Self::from_bytes(&bytes, &path.display().to_string(), device)
     }
 
-    /// Parses the bytes of a LoRA file; `file` names it in errors.
+    /// Parses the bytes of a kohya LoRA file; `file` names it in errors.
     pub fn from_bytes(bytes: &[u8], file: &str, device: &Device) -> Result<Self, LoraError> {
-        let st = SafeTensors::deserialize(bytes)
-            .map_err(|err| LoraError::NotSafetensors { file: file.to_string(), reason: err.to_string() })?;
+        let (st, metadata) = deserialize(bytes, file)?;
         let mut parts: BTreeMap<String, Parts> = BTreeMap::new();
+        let mut unsupported = vec![];
         for (key, view) in st.iter() {
-            let unsupported = || LoraError::UnsupportedKey { file: file.to_string(), key: key.to_string() };
-            let (module, suffix) = key.split_once('.').ok_or_else(unsupported)?;
+            let Some((module, suffix)) = key.split_once('.') else {
+                unsupported.push(key.to_string());
+                continue;
+            };
             let entry = parts.entry(module.to_string()).or_default();
             let slot = match suffix {
                 DOWN => &mut entry.down,
                 UP => &mut entry.up,
                 ALPHA => &mut entry.alpha,
-                _ => return Err(unsupported()),
+                _ => {
+                    unsupported.push(key.to_string());
+                    continue;
+                }
             };
-            let tensor = view.load(device).map_err(|source| LoraError::LoadTensor {
-                file: file.to_string(),
-                key: key.to_string(),
-                source: Box::new(source),
-            })?;
-            *slot = Some(tensor);
+            *slot = Some(load_tensor(&view, file, key, device)?);
         }
+        // Modules that had only unsupported keys (e.g. a LoHa's `hada_w1_a`) are not LoRA modules.
+        parts.retain(|_, p| p.down.is_some() || p.up.is_some() || p.alpha.is_some());
         let modules = parts
             .into_iter()
             .map(|(name, parts)| {
@@ -83,7 +102,28 @@ impl KohyaLora {
                 Ok((name, module))
             })
             .collect::<Result<_, LoraError>>()?;
-        Ok(Self { modules })
+        unsupported.sort();
+        Ok(Self { file: file.to_string(), modules, metadata, unsupported })
+    }
+
+    /// Writes the LoRA in kohya layout with tensors (alphas included) in `dtype`, atomically:
+    /// to a temp file beside `path`, then renamed over it. A module without alpha gets none.
+    pub fn save(&self, path: impl AsRef<Path>, dtype: DType) -> Result<(), LoraError> {
+        let mut tensors = Vec::with_capacity(3 * self.modules.len());
+        for (name, m) in &self.modules {
+            tensors.push((format!("{name}.{DOWN}"), m.down.to_dtype(dtype)?));
+            tensors.push((format!("{name}.{UP}"), m.up.to_dtype(dtype)?));
+            if let Some(alpha) = m.alpha {
+                let alpha = Tensor::new(alpha, m.down.device())?.to_dtype(dtype)?;
+                tensors.push((format!("{name}.{ALPHA}"), alpha));
+            }
+        }
+        write_safetensors(path.as_ref(), tensors, &self.metadata)
+    }
+
+    /// The name errors give the LoRA (its path when loaded from a file).
+    pub fn file(&self) -> &str {
+        &self.file
     }
 
     /// The module with kohya name `name`.
@@ -96,6 +136,21 @@ impl KohyaLora {
         self.modules.iter().map(|(name, module)| (name.as_str(), module))
     }
 
+    /// The safetensors metadata (`ss_base_model_version`, `ss_network_dim`, ...).
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+
+    /// Sets one metadata entry (written by [`Self::save`]).
+    pub fn set_metadata(&mut self, key: impl Into<String>, value: impl Into<String>) {
+        self.metadata.insert(key.into(), value.into());
+    }
+
+    /// Keys of the file that are not LoRA down/up/alpha tensors (sorted).
+    pub fn unsupported_keys(&self) -> &[String] {
+        &self.unsupported
+    }
+
     /// Number of modules.
     pub fn len(&self) -> usize {
         self.modules.len()
@@ -105,6 +160,74 @@ impl KohyaLora {
     pub fn is_empty(&self) -> bool {
         self.modules.is_empty()
     }
+
+    pub(crate) fn with_unsupported(mut self, keys: Vec<String>) -> Self {
+        self.unsupported = keys;
+        self.unsupported.sort();
+        self
+    }
+}
+
+pub(crate) fn read(path: &Path) -> Result<Vec<u8>, LoraError> {
+    std::fs::read(path).map_err(|source| LoraError::Io { file: path.to_path_buf(), source })
+}
+
+/// The parsed file and its metadata.
+pub(crate) fn deserialize<'a>(
+    bytes: &'a [u8],
+    file: &str,
+) -> Result<(SafeTensors<'a>, BTreeMap<String, String>), LoraError> {
+    let bad = |err: safetensors::SafeTensorError| LoraError::NotSafetensors {
+        file: file.to_string(),
+        reason: err.to_string(),
+    };
+    let st = SafeTensors::deserialize(bytes).map_err(bad)?;
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(bad)?;
+    let metadata = header.metadata().clone().unwrap_or_default().into_iter().collect();
+    Ok((st, metadata))
+}
+
+pub(crate) fn load_tensor(
+    view: &safetensors::tensor::TensorView<'_>,
+    file: &str,
+    key: &str,
+    device: &Device,
+) -> Result<Tensor, LoraError> {
+    view.load(device).map_err(|source| LoraError::LoadTensor {
+        file: file.to_string(),
+        key: key.to_string(),
+        source: Box::new(source),
+    })
+}
+
+/// Serialises `tensors` with `metadata` to a temp file beside `path`, syncs it and renames it
+/// over `path`; on failure the temp file is removed and `path` is untouched.
+pub(crate) fn write_safetensors(
+    path: &Path,
+    tensors: Vec<(String, Tensor)>,
+    metadata: &BTreeMap<String, String>,
+) -> Result<(), LoraError> {
+    let metadata = (!metadata.is_empty()).then(|| metadata.clone().into_iter().collect());
+    let bytes = safetensors::serialize(tensors, metadata)
+        .map_err(|err| LoraError::Write { file: path.to_path_buf(), source: std::io::Error::other(err.to_string()) })?;
+    write_atomically(path, &bytes)
+}
+
+/// Writes `bytes` to `<path>.tmp-<pid>`, syncs, and renames it to `path`.
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), LoraError> {
+    use std::io::Write;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    result.map_err(|source| {
+        let _ = std::fs::remove_file(&tmp);
+        LoraError::Write { file: path.to_path_buf(), source }
+    })
 }
 
 /// Checks that `parts` form a LoRA pair and reads the alpha.
@@ -112,15 +235,7 @@ fn assemble(name: &str, parts: Parts) -> Result<KohyaModule, LoraError> {
     let module = || name.to_string();
     let down = parts.down.ok_or_else(|| LoraError::MissingDown { module: module() })?;
     let up = parts.up.ok_or_else(|| LoraError::MissingUp { module: module() })?;
-    if pair_layout(down.dims(), up.dims()).is_none() {
-        let (down, up) = (down.dims().to_vec(), up.dims().to_vec());
-        let same_rank = down.first().is_some_and(|&rank| up.get(1) == Some(&rank));
-        return Err(if same_rank {
-            LoraError::BadLayout { module: module(), down, up }
-        } else {
-            LoraError::RankMismatch { module: module(), down, up }
-        });
-    }
+    check_pair(name, &down, &up)?;
     let alpha = match parts.alpha {
         None => None,
         Some(alpha) => match alpha.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?[..] {
@@ -131,4 +246,18 @@ fn assemble(name: &str, parts: Parts) -> Result<KohyaModule, LoraError> {
         },
     };
     Ok(KohyaModule { down, up, alpha })
+}
+
+/// Checks that `down` and `up` are a Linear or Conv2d LoRA pair.
+pub(crate) fn check_pair(name: &str, down: &Tensor, up: &Tensor) -> Result<(), LoraError> {
+    if pair_layout(down.dims(), up.dims()).is_none() {
+        let (down, up) = (down.dims().to_vec(), up.dims().to_vec());
+        let same_rank = down.first().is_some_and(|&rank| up.get(1) == Some(&rank));
+        return Err(if same_rank {
+            LoraError::BadLayout { module: name.to_string(), down, up }
+        } else {
+            LoraError::RankMismatch { module: name.to_string(), down, up }
+        });
+    }
+    Ok(())
 }

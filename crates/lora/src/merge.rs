@@ -33,6 +33,12 @@ pub(crate) fn pair_layout(down: &[usize], up: &[usize]) -> Option<(usize, usize)
 /// `multiplier * lora_scale(alpha, rank) * up · down`, in f32, shaped like the adapted weight
 /// (`[out, in]` or `[out, in, kh, kw]`).
 pub fn delta_weight(down: &Tensor, up: &Tensor, alpha: Option<f32>, multiplier: f64) -> Result<Tensor, LoraError> {
+    let rank = down.dims().first().copied().unwrap_or(0);
+    scaled_product(down, up, multiplier * lora_scale(alpha, rank))
+}
+
+/// `scale * up · down`, in f32, shaped like the adapted weight.
+pub fn scaled_product(down: &Tensor, up: &Tensor, scale: f64) -> Result<Tensor, LoraError> {
     let (rank, out) = pair_layout(down.dims(), up.dims())
         .ok_or_else(|| LoraError::Layout { down: down.dims().to_vec(), up: up.dims().to_vec() })?;
     let mut shape = vec![out];
@@ -40,7 +46,7 @@ pub fn delta_weight(down: &Tensor, up: &Tensor, alpha: Option<f32>, multiplier: 
     let up = up.to_dtype(DType::F32)?.reshape((out, rank))?;
     let down = down.to_dtype(DType::F32)?.reshape((rank, ()))?;
     let delta = up.matmul(&down)?.reshape(shape)?;
-    Ok(delta.affine(multiplier * lora_scale(alpha, rank), 0.0)?)
+    Ok(delta.affine(scale, 0.0)?)
 }
 
 /// `weight + delta_weight(down, up, alpha, multiplier)`, summed in f32 and returned in the dtype

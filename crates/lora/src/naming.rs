@@ -70,18 +70,25 @@ impl ModuleIndex {
     {
         for path in module_paths {
             let path = path.into();
-            match self.by_name.entry(kohya_name(prefix, &path)) {
-                Entry::Vacant(entry) => {
-                    entry.insert((prefix, path));
-                }
-                Entry::Occupied(entry) if entry.get() == &(prefix, path.clone()) => {}
-                Entry::Occupied(entry) => {
-                    return Err(LoraError::AmbiguousModule {
-                        name: entry.key().clone(),
-                        first: entry.get().1.clone(),
-                        second: path,
-                    });
-                }
+            self.add_alias(prefix, &path.clone(), path)?;
+        }
+        Ok(())
+    }
+
+    /// Registers the kohya name of `alias` as another name of the module at `path` (e.g. a text
+    /// encoder path without transformers' `text_model.` level, which transformers 5 omits).
+    pub fn add_alias(&mut self, prefix: KohyaPrefix, alias: &str, path: String) -> Result<(), LoraError> {
+        match self.by_name.entry(kohya_name(prefix, alias)) {
+            Entry::Vacant(entry) => {
+                entry.insert((prefix, path));
+            }
+            Entry::Occupied(entry) if entry.get() == &(prefix, path.clone()) => {}
+            Entry::Occupied(entry) => {
+                return Err(LoraError::AmbiguousModule {
+                    name: entry.key().clone(),
+                    first: entry.get().1.clone(),
+                    second: path,
+                });
             }
         }
         Ok(())

@@ -73,7 +73,10 @@ fn parses_every_module_with_rank_and_alpha() -> Result<()> {
 fn resolves_kohya_names_to_module_paths() -> Result<()> {
     let lora = load_lora()?;
     let index = module_index()?;
-    let mut resolved: Vec<_> = lora.modules().map(|(name, _)| index.resolve(name)).collect::<Result<_, _>>()?;
+    let mut resolved = vec![];
+    for (name, _) in lora.modules() {
+        resolved.push(index.resolve(name)?);
+    }
     resolved.sort();
     let mut wanted: Vec<_> = MODULES.iter().map(|&(prefix, path, _)| (prefix, path)).collect();
     wanted.sort();

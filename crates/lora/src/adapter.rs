@@ -1,0 +1,44 @@
+//! The run-time form of a LoRA module, attached to a layer through the diffusion crate's
+//! [`Adapter`] extension point: `y = W x + scale · up(down(x))`, with
+//! `scale = multiplier · alpha / rank`. Trainable when `down` / `up` are `Var`s.
+
+use candle_core::{Result, Tensor};
+use candle_nn::Conv2dConfig;
+use easyphoto_diffusion::Adapter;
+
+/// A LoRA branch on a Linear (`down [r, in]`, `up [out, r]`) or a Conv2d (`down [r, in, kh, kw]`
+/// with the layer's stride and padding, `up [out, r, 1, 1]`).
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    down: Tensor,
+    up: Tensor,
+    scale: f64,
+    conv: Option<Conv2dConfig>,
+}
+
+impl LoraAdapter {
+    /// A branch on a Linear layer.
+    pub fn linear(down: Tensor, up: Tensor, scale: f64) -> Self {
+        Self { down, up, scale, conv: None }
+    }
+
+    /// A branch on a Conv2d layer with configuration `config` (its stride, padding, dilation).
+    pub fn conv(down: Tensor, up: Tensor, scale: f64, config: Conv2dConfig) -> Self {
+        Self { down, up, scale, conv: Some(config) }
+    }
+
+    /// `multiplier · alpha / rank`.
+    pub fn scale(&self) -> f64 {
+        self.scale
+    }
+}
+
+impl Adapter for LoraAdapter {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = match &self.conv {
+            None => x.broadcast_matmul(&self.down.t()?)?.broadcast_matmul(&self.up.t()?)?,
+            Some(c) => x.conv2d(&self.down, c.padding, c.stride, c.dilation, c.groups)?.conv2d(&self.up, 0, 1, 1, 1)?,
+        };
+        h.affine(self.scale, 0.0)
+    }
+}
