@@ -110,6 +110,15 @@ pub enum FaceError {
         what: String,
     },
 
+    /// A model file loads but does not have the inputs and outputs its wrapper expects.
+    #[error("model `{}` is not supported: {reason}", path.display())]
+    UnsupportedModel {
+        /// The model file (or the output at fault).
+        path: PathBuf,
+        /// What does not match.
+        reason: String,
+    },
+
     /// Any other ONNX Runtime error (for example while running a session).
     #[error(transparent)]
     Ort(#[from] ort::Error),

@@ -7,6 +7,7 @@
 //! * [`align`]: five-point similarity alignment (Umeyama) and `cv2.warpAffine`-exact resampling.
 //! * [`detector`]: [`Face`], and the [`FaceDetector`] and [`FaceEmbedder`] traits.
 //! * [`mtcnn`]: the built-in MTCNN detector (embedded weights, no download).
+//! * [`scrfd`], [`arcface`]: insightface's detector and recogniser ONNX models (user-supplied).
 //! * [`resample`]: `cv2.resize`-exact `INTER_LINEAR` / `INTER_AREA` for the detectors' inputs.
 //! * [`geometry`]: EasyPhoto's box rules (expansion by a ratio, left-to-right order, roll score,
 //!   training box) and PIL-style crops.
@@ -18,6 +19,7 @@
 //! * [`error`]: [`FaceError`], which names the file or tensor at fault.
 
 pub mod align;
+pub mod arcface;
 pub mod color;
 pub mod detector;
 pub mod error;
@@ -30,10 +32,13 @@ pub mod preprocess;
 pub mod ranking;
 pub mod resample;
 pub mod runtime;
+pub mod scrfd;
 
 pub use align::{ARCFACE_TEMPLATE, Affine, Similarity, estimate_norm, norm_crop, warp_affine};
+pub use arcface::{ArcFace, ArcFaceConfig};
 pub use detector::{Face, FaceDetector, FaceEmbedder, cosine_similarity, l2_normalize};
 pub use error::FaceError;
 pub use mtcnn::{Mtcnn, MtcnnConfig};
 pub use preprocess::{DecodeLimits, decode_rgb, load_rgb, load_rgb_with, to_nchw_signed};
 pub use runtime::{Input, OnnxModel, environment};
+pub use scrfd::{Scrfd, ScrfdConfig};

@@ -32,14 +32,14 @@ fn bilinear_u8(
     (dw, dh): (usize, usize),
     area_mode: bool,
 ) -> Vec<u8> {
-    let (xs, xw) = linear_taps(sw, dw, area_mode);
-    let (ys, yw) = linear_taps(sh, dh, area_mode);
+    let (xs, xw) = linear_taps(sw, dw, area_mode, true);
+    let (ys, yw) = linear_taps(sh, dh, area_mode, false);
     // Horizontal pass per source row, on demand (rows are reused by consecutive output rows).
     let hrow = |sy: usize| -> Vec<i32> {
         let row = &src[sy * sw * channels..(sy + 1) * sw * channels];
         let mut out = Vec::with_capacity(dw * channels);
         for (&x0, &[a0, a1]) in xs.iter().zip(&xw) {
-            let x1 = (x0 + 1).min(sw - 1);
+            let (x0, x1) = (x0 as usize, clip(x0 + 1, sw));
             for c in 0..channels {
                 out.push(i32::from(row[x0 * channels + c]) * a0 + i32::from(row[x1 * channels + c]) * a1);
             }
@@ -47,30 +47,39 @@ fn bilinear_u8(
         out
     };
     let mut dst = vec![0u8; dw * dh * channels];
-    let mut cache: Option<(usize, Vec<i32>, Vec<i32>)> = None;
-    for (dy, (&y0, &[b0, b1])) in ys.iter().zip(&yw).enumerate() {
-        let y1 = (y0 + 1).min(sh - 1);
-        let (r0, r1) = match cache.take() {
-            Some((c0, r0, r1)) if c0 == y0 => (r0, r1),
-            Some((c0, _, r1)) if c0 + 1 == y0 => (r1, hrow(y1)),
-            _ => (hrow(y0), hrow(y1)),
-        };
+    let mut cache: Vec<(usize, Vec<i32>)> = Vec::new(); // the last two horizontal rows
+    for (dy, (&sy, &[b0, b1])) in ys.iter().zip(&yw).enumerate() {
+        let (y0, y1) = (clip(sy, sh), clip(sy + 1, sh));
+        for y in [y0, y1] {
+            if !cache.iter().any(|(r, _)| *r == y) {
+                if cache.len() == 2 {
+                    cache.remove(0);
+                }
+                cache.push((y, hrow(y)));
+            }
+        }
+        let row = |y: usize| &cache.iter().find(|(r, _)| *r == y).expect("cached above").1;
+        let (r0, r1) = (row(y0), row(y1));
         let out = &mut dst[dy * dw * channels..(dy + 1) * dw * channels];
-        for ((o, &v0), &v1) in out.iter_mut().zip(&r0).zip(&r1) {
+        for ((o, &v0), &v1) in out.iter_mut().zip(r0).zip(r1) {
             let t0 = (v0 >> 4).clamp(i32::from(i16::MIN), i32::from(i16::MAX));
             let t1 = (v1 >> 4).clamp(i32::from(i16::MIN), i32::from(i16::MAX));
             let sum = ((t0 * b0) >> 16) + ((t1 * b1) >> 16);
             *o = ((sum + 2) >> 2).clamp(0, 255) as u8;
         }
-        cache = Some((y0, r0, r1));
     }
     dst
 }
 
+/// OpenCV's row clipping: `index` limited to `0..len`.
+fn clip(index: i64, len: usize) -> usize {
+    index.clamp(0, len as i64 - 1) as usize
+}
+
 /// Per output index: the first source index and the two 11-bit weights.
-fn linear_taps(src: usize, dst: usize, area_mode: bool) -> (Vec<usize>, Vec<[i32; 2]>) {
+fn linear_taps(src: usize, dst: usize, area_mode: bool, clamp: bool) -> (Vec<i64>, Vec<[i32; 2]>) {
     let one = (1 << COEF_BITS) as f32;
-    linear_fractions(src, dst, area_mode)
+    linear_fractions(src, dst, area_mode, clamp)
         .into_iter()
         .map(|(s, frac)| (s, [((1.0 - frac) * one).round_ties_even() as i32, (frac * one).round_ties_even() as i32]))
         .unzip()
@@ -78,8 +87,10 @@ fn linear_taps(src: usize, dst: usize, area_mode: bool) -> (Vec<usize>, Vec<[i32
 
 /// OpenCV's bilinear source positions: per output index, the first source index and the f32
 /// fraction. `area_mode` is `INTER_AREA` when enlarging: `floor(d·scale)` and the fraction of the
-/// output cell past the next source cell.
-fn linear_fractions(src: usize, dst: usize, area_mode: bool) -> Vec<(usize, f32)> {
+/// output cell past the next source cell. With `clamp` (OpenCV's horizontal axis) positions
+/// outside the image are pinned to its edge with fraction 0; without (its vertical axis) they are
+/// kept, and the caller clips the two row indices.
+fn linear_fractions(src: usize, dst: usize, area_mode: bool, clamp: bool) -> Vec<(i64, f32)> {
     let inv_scale = dst as f64 / src as f64;
     let scale = 1.0 / inv_scale;
     (0..dst)
@@ -92,13 +103,13 @@ fn linear_fractions(src: usize, dst: usize, area_mode: bool) -> Vec<(usize, f32)
                 let f = ((d as f64 + 0.5) * scale - 0.5) as f32;
                 (f.floor(), f - f.floor())
             };
-            if s < 0.0 {
+            if clamp && s < 0.0 {
                 (s, frac) = (0.0, 0.0);
             }
-            if s >= (src - 1) as f32 {
+            if clamp && s >= (src - 1) as f32 {
                 (s, frac) = ((src - 1) as f32, 0.0);
             }
-            (s as usize, frac)
+            (s as i64, frac)
         })
         .collect()
 }
@@ -227,13 +238,13 @@ where
 /// `cv2.resize` `INTER_AREA` enlargement on a float64 image: bilinear with `INTER_AREA`'s
 /// coordinates, f32 coefficients, f64 arithmetic.
 fn resize_linear_f64(src: &[f64], (sw, sh): (usize, usize), channels: usize, (dw, dh): (usize, usize)) -> Vec<f64> {
-    let (xt, yt) = (linear_fractions(sw, dw, true), linear_fractions(sh, dh, true));
+    let (xt, yt) = (linear_fractions(sw, dw, true, true), linear_fractions(sh, dh, true, false));
     let mut out = vec![0.0; dw * dh * channels];
-    for (dy, &(y0, fy)) in yt.iter().enumerate() {
-        let y1 = (y0 + 1).min(sh - 1);
+    for (dy, &(sy, fy)) in yt.iter().enumerate() {
+        let (y0, y1) = (clip(sy, sh), clip(sy + 1, sh));
         let (b0, b1) = (f64::from(1.0 - fy), f64::from(fy));
         for (dx, &(x0, fx)) in xt.iter().enumerate() {
-            let x1 = (x0 + 1).min(sw - 1);
+            let (x0, x1) = (x0 as usize, clip(x0 + 1, sw));
             let (a0, a1) = (f64::from(1.0 - fx), f64::from(fx));
             for c in 0..channels {
                 let p = |x: usize, y: usize| src[(y * sw + x) * channels + c];

@@ -119,6 +119,8 @@ pub struct OnnxModel {
     session: Mutex<Session>,
     /// Declared input names and shapes (-1 for a dynamic dimension), in model order.
     inputs: Vec<(String, Vec<i64>)>,
+    /// Declared output names and shapes, in model order.
+    outputs: Vec<(String, Vec<i64>)>,
 }
 
 impl OnnxModel {
@@ -147,15 +149,27 @@ impl OnnxModel {
     }
 
     fn from_session(session: Session) -> Self {
-        let inputs = session
-            .inputs()
-            .iter()
-            .map(|outlet| {
-                let shape = outlet.dtype().tensor_shape().map(|shape| shape.to_vec()).unwrap_or_default();
-                (outlet.name().to_string(), shape)
-            })
-            .collect();
-        Self { session: Mutex::new(session), inputs }
+        let describe = |outlets: &[ort::value::Outlet]| {
+            outlets
+                .iter()
+                .map(|outlet| {
+                    let shape = outlet.dtype().tensor_shape().map(|shape| shape.to_vec()).unwrap_or_default();
+                    (outlet.name().to_string(), shape)
+                })
+                .collect()
+        };
+        let (inputs, outputs) = (describe(session.inputs()), describe(session.outputs()));
+        Self { session: Mutex::new(session), inputs, outputs }
+    }
+
+    /// The declared inputs: names and shapes (-1 for a dynamic dimension), in model order.
+    pub fn inputs(&self) -> &[(String, Vec<i64>)] {
+        &self.inputs
+    }
+
+    /// The declared outputs: names and shapes (-1 for a dynamic dimension), in model order.
+    pub fn outputs(&self) -> &[(String, Vec<i64>)] {
+        &self.outputs
     }
 
     /// Runs the model on named inputs and returns every output, by name, as an f32 array.

@@ -38,8 +38,7 @@ fn resizes_match_opencv() -> anyhow::Result<()> {
         };
         let (err, n) = max_abs_diff_u8(&ours, &fx.u8s(name)?);
         println!("{name}: max abs error {err}, {n} values differ");
-        let limit = if name.contains("_up_") { 1 } else { 0 };
-        assert!(err <= limit, "{name}: differs by {err}");
+        assert_eq!(err, 0, "{name}: differs by {err}");
     }
     let to_f64 = |img: &RgbImage| img.as_raw().iter().map(|&v| f64::from(v)).collect::<Vec<_>>();
     let small = image::imageops::crop_imm(&img, 200, 200, 30, 20).to_image();

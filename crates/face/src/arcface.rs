@@ -1,0 +1,84 @@
+//! ArcFace identity embeddings (insightface's `w600k_r50.onnx` of buffalo_l, and other
+//! `arcface_onnx.py` models), run as insightface 2.1 runs them: the `norm_crop` crop in RGB,
+//! `(v − mean) / std`, the model's single output L2-normalised (`Face.normed_embedding`).
+
+use std::path::Path;
+
+use image::RgbImage;
+use ndarray::Array4;
+
+use crate::detector::{FaceEmbedder, l2_normalize};
+use crate::{FaceError, Input, OnnxModel};
+
+/// Input normalisation. insightface uses mean 127.5 / std 127.5 (w600k_r50 and the other model-pack
+/// recognisers), or 0 / 1 for graphs that start with their own `Sub` and `Mul` nodes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ArcFaceConfig {
+    /// Subtracted from each 0..255 value.
+    pub input_mean: f32,
+    /// Divisor after the subtraction.
+    pub input_std: f32,
+}
+
+impl Default for ArcFaceConfig {
+    fn default() -> Self {
+        Self { input_mean: 127.5, input_std: 127.5 }
+    }
+}
+
+/// An ArcFace-style recogniser: input `[N, 3, S, S]`, one output `[N, D]`.
+#[derive(Debug)]
+pub struct ArcFace {
+    model: OnnxModel,
+    input: String,
+    size: u32,
+    config: ArcFaceConfig,
+}
+
+impl ArcFace {
+    /// Loads a recogniser with the default normalisation.
+    pub fn load(path: impl AsRef<Path>, threads: usize) -> Result<Self, FaceError> {
+        Self::load_with(path, ArcFaceConfig::default(), threads)
+    }
+
+    /// Loads a recogniser with custom normalisation.
+    pub fn load_with(path: impl AsRef<Path>, config: ArcFaceConfig, threads: usize) -> Result<Self, FaceError> {
+        let path = path.as_ref();
+        let model = OnnxModel::load(path, threads)?;
+        let unsupported = |reason: String| FaceError::UnsupportedModel { path: path.to_path_buf(), reason };
+        let (input, shape) = model.inputs().first().cloned().ok_or_else(|| unsupported("no input".into()))?;
+        let size = match shape.as_slice() {
+            [_, 3, h, w] if h == w && *h > 0 => *h as u32,
+            other => return Err(unsupported(format!("input shape {other:?}, expected [N, 3, S, S]"))),
+        };
+        if model.outputs().len() != 1 {
+            return Err(unsupported(format!("{} outputs, expected 1", model.outputs().len())));
+        }
+        Ok(Self { model, input, size, config })
+    }
+}
+
+impl FaceEmbedder for ArcFace {
+    fn input_size(&self) -> u32 {
+        self.size
+    }
+
+    fn embed_aligned(&self, crop: &RgbImage) -> Result<Vec<f32>, FaceError> {
+        let s = self.size as usize;
+        if (crop.width() as usize, crop.height() as usize) != (s, s) {
+            return Err(FaceError::BadShape {
+                name: self.input.clone(),
+                expected: vec![1, 3, s as i64, s as i64],
+                found: vec![1, 3, crop.height() as usize, crop.width() as usize],
+            });
+        }
+        // cv2.dnn.blobFromImages: subtract the mean, then multiply by the f32 scale factor.
+        let (mean, scale) = (self.config.input_mean, (1.0 / f64::from(self.config.input_std)) as f32);
+        let raw = crop.as_raw();
+        let blob =
+            Array4::from_shape_fn((1, 3, s, s), |(_, c, y, x)| (f32::from(raw[(y * s + x) * 3 + c]) - mean) * scale);
+        let out = self.model.run(&[(self.input.as_str(), Input::from(&blob))])?;
+        let embedding = out.into_values().next().expect("one output, checked at load");
+        Ok(l2_normalize(embedding.into_iter().collect()))
+    }
+}
