@@ -27,7 +27,7 @@ pub struct Cli {
     /// Where model files live (layout: `easyphoto models list`).
     #[arg(long, global = true, env = "EASYPHOTO_MODELS_DIR", default_value = "models")]
     pub models_dir: PathBuf,
-    /// Download endpoint, Hugging Face URL scheme (e.g. a mirror such as https://hf-mirror.com).
+    /// Download endpoint, Hugging Face URL scheme (a mirror such as hf-mirror.com works too).
     #[arg(long, global = true, env = "HF_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
     pub endpoint: String,
     /// Never download: report what is missing and where to put it.

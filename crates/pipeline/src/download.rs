@@ -7,8 +7,11 @@
 //! path only ever holds a complete, checked file. Transient failures (connection errors, HTTP 5xx
 //! and 429) are retried with a growing pause; an attempt that made progress resets the count.
 //!
-//! Plain `ureq` rather than `hf-hub`: hf-hub 1.0 is async (tokio, reqwest) and writes into its own
-//! cache layout, while we need the models directory layout, resume and one blocking dependency.
+//! Plain `ureq` rather than `hf-hub`: hf-hub has a custom endpoint (`with_endpoint`, `HF_ENDPOINT`),
+//! tokens and retries, but stores files in its own cache layout (`blobs/`, `snapshots/` per repo),
+//! and 1.0 is built on tokio and reqwest. We need a models directory that users can also fill by
+//! hand, a sha256 check before the rename, our progress observer and cancel token, and one small
+//! blocking client; the URL scheme stays the hub's, so mirrors work the same.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
