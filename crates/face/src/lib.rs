@@ -8,6 +8,7 @@
 //! * [`detector`]: [`Face`], and the [`FaceDetector`] and [`FaceEmbedder`] traits.
 //! * [`mtcnn`]: the built-in MTCNN detector (embedded weights, no download).
 //! * [`scrfd`], [`arcface`]: insightface's detector and recogniser ONNX models (user-supplied).
+//! * [`faceres`]: a real 1024-d identity embedder (Human's faceres ONNX, user-supplied path).
 //! * [`resample`]: `cv2.resize`-exact `INTER_LINEAR` / `INTER_AREA` for the detectors' inputs.
 //! * [`geometry`]: EasyPhoto's box rules (expansion by a ratio, left-to-right order, roll score,
 //!   training box) and PIL-style crops.
@@ -23,6 +24,7 @@ pub mod arcface;
 pub mod color;
 pub mod detector;
 pub mod error;
+pub mod faceres;
 pub mod fusion;
 pub mod geometry;
 pub mod masks;
@@ -38,6 +40,7 @@ pub use align::{ARCFACE_TEMPLATE, Affine, Similarity, estimate_norm, norm_crop, 
 pub use arcface::{ArcFace, ArcFaceConfig};
 pub use detector::{Face, FaceDetector, FaceEmbedder, cosine_similarity, l2_normalize};
 pub use error::FaceError;
+pub use faceres::FaceRes;
 pub use mtcnn::{Mtcnn, MtcnnConfig};
 pub use preprocess::{DecodeLimits, decode_rgb, load_rgb, load_rgb_with, to_nchw_signed};
 pub use runtime::{Input, OnnxModel, environment};
