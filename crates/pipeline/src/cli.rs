@@ -6,13 +6,14 @@
 //! [`PipelineError::NotImplemented`] until the flows land.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::config::{InferConfig, MIN_TRAIN_PHOTOS, TrainConfig, load_config};
+use crate::config::{InferConfig, TrainConfig, load_config};
 use crate::download::Downloader;
 use crate::error::{PipelineError, Result};
+use crate::jobs::{InferJob, TrainJob, Workspace};
 use crate::models::{self, DEFAULT_ENDPOINT, Flow, Manifest, ModelFile, Verification};
 use crate::progress::{CancelToken, Observer};
 use crate::user::{UserId, UserStore};
@@ -242,108 +243,31 @@ fn verify(
     Ok(())
 }
 
+fn workspace(cli: &Cli) -> Workspace {
+    Workspace { store: UserStore::new(&cli.root), models_dir: cli.models_dir.clone(), endpoint: cli.endpoint.clone() }
+}
+
 fn train(cli: &Cli, manifest: &Manifest, args: &TrainArgs) -> Result<()> {
     let id = UserId::new(&args.user_id)?;
     let config: TrainConfig = load_config(args.config.config.as_deref(), &args.config.set)?;
-    config.validate()?;
-    let photos = images_in(&args.photos)?;
-    if photos.len() < MIN_TRAIN_PHOTOS {
-        return Err(PipelineError::TooFewPhotos {
-            path: args.photos.clone(),
-            found: photos.len(),
-            minimum: MIN_TRAIN_PHOTOS,
-        });
-    }
-    UserStore::new(&cli.root).check_new(&id)?;
-    manifest.require(&cli.models_dir, Some(Flow::Train), &cli.endpoint)?;
+    let job = TrainJob::check(&workspace(cli), manifest, id, &args.photos, config)?;
     Err(PipelineError::NotImplemented {
         stage: format!(
             "the train flow (preprocessing, LoRA training, validation, fusion) for {} photos, {} steps",
-            photos.len(),
-            config.train_steps(photos.len())
+            job.photos.len(),
+            job.train_steps
         ),
     })
 }
 
 fn infer(cli: &Cli, manifest: &Manifest, args: &InferArgs) -> Result<()> {
-    let ids = args
-        .user_ids
-        .iter()
-        .map(|id| if id.trim().eq_ignore_ascii_case("none") { Ok(None) } else { UserId::new(id).map(Some) })
-        .collect::<Result<Vec<_>>>()?;
-    if ids.iter().all(Option::is_none) {
-        return Err(PipelineError::InvalidParameter {
-            field: "user-id".into(),
-            reason: "every user id is `none`".into(),
-        });
-    }
+    let ids = InferJob::parse_user_ids(&args.user_ids)?;
     let config: InferConfig = load_config(args.config.config.as_deref(), &args.config.set)?;
-    config.validate()?;
-    let mut templates = Vec::new();
-    for path in &args.templates {
-        if path.is_dir() {
-            let found = images_in(path)?;
-            if found.is_empty() {
-                return Err(PipelineError::InvalidInput {
-                    path: path.clone(),
-                    reason: "no .jpg, .jpeg or .png template in this folder".into(),
-                });
-            }
-            templates.extend(found);
-        } else {
-            check_image(path)?;
-            templates.push(path.clone());
-        }
-    }
-    if args.output.exists() && !args.output.is_dir() {
-        return Err(PipelineError::InvalidInput {
-            path: args.output.clone(),
-            reason: "the output exists and is not a folder".into(),
-        });
-    }
-    let store = UserStore::new(&cli.root);
-    for id in ids.iter().flatten() {
-        store.check_ready(id)?;
-    }
-    manifest.require(&cli.models_dir, Some(Flow::Infer), &cli.endpoint)?;
+    let job = InferJob::check(&workspace(cli), manifest, ids, &args.templates, &args.output, config)?;
     Err(PipelineError::NotImplemented {
         stage: format!(
             "the infer flow (face fusion, two ControlNet inpaintings, colour shift) for {} template(s)",
-            templates.len()
+            job.templates.len()
         ),
     })
-}
-
-/// The images of a folder (`.jpg`, `.jpeg`, `.png`, sorted), each checked to be readable.
-fn images_in(dir: &Path) -> Result<Vec<PathBuf>> {
-    if !dir.is_dir() {
-        return Err(PipelineError::InvalidInput { path: dir.to_path_buf(), reason: "not a folder".into() });
-    }
-    let entries = std::fs::read_dir(dir).map_err(|source| PipelineError::Read { path: dir.to_path_buf(), source })?;
-    let mut images = Vec::new();
-    for entry in entries {
-        let path = entry.map_err(|source| PipelineError::Read { path: dir.to_path_buf(), source })?.path();
-        let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
-        if path.is_file() && matches!(ext.as_deref(), Some("jpg" | "jpeg" | "png")) {
-            images.push(path);
-        }
-    }
-    images.sort();
-    images.iter().try_for_each(|p| check_image(p))?;
-    Ok(images)
-}
-
-/// Reads the header of an image: a typed error naming the file when it is not one.
-fn check_image(path: &Path) -> Result<()> {
-    let not_image = |reason: String| PipelineError::NotAnImage { path: path.to_path_buf(), reason };
-    let reader = image::ImageReader::open(path).map_err(|e| not_image(e.to_string()))?;
-    let (w, h) = reader
-        .with_guessed_format()
-        .map_err(|e| not_image(e.to_string()))?
-        .into_dimensions()
-        .map_err(|e| not_image(e.to_string()))?;
-    if w == 0 || h == 0 {
-        return Err(not_image(format!("{w}×{h} pixels")));
-    }
-    Ok(())
 }

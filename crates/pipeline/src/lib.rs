@@ -6,6 +6,7 @@
 //! - [`models`]: the manifest of every model file the flows need, resolved under a models
 //!   directory, with `verify` and the offline check.
 //! - [`download`]: resumable, checked downloads of manifest files (Hugging Face URL scheme).
+//! - [`jobs`]: the checked inputs of the train and infer flows (ids, photos, templates, users, models).
 //! - [`config`]: the flows' parameters with EasyPhoto's names and defaults, from files and overrides.
 //! - [`progress`]: progress observers and cancellation, shared by downloads and flows.
 //! - [`cli`] (feature `cli`): the `easyphoto` command line.
@@ -16,6 +17,7 @@ pub mod cli;
 pub mod config;
 pub mod download;
 pub mod error;
+pub mod jobs;
 pub mod models;
 pub mod progress;
 pub mod user;
@@ -23,6 +25,7 @@ pub mod user;
 pub use config::{InferConfig, TrainConfig, load_config};
 pub use download::{Downloader, Fetched};
 pub use error::{PipelineError, Result};
+pub use jobs::{InferJob, TrainJob, Workspace};
 pub use models::{Flow, Manifest, MissingModel, ModelFile, Verification};
 pub use progress::{CancelToken, Observer, Progress, Silent};
 pub use user::{UserId, UserInfo, UserStore, write_atomic};
