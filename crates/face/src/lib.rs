@@ -9,6 +9,7 @@
 //! * [`mtcnn`]: the built-in MTCNN detector (embedded weights, no download).
 //! * [`scrfd`], [`arcface`]: insightface's detector and recogniser ONNX models (user-supplied).
 //! * [`faceres`]: a real 1024-d identity embedder (Human's faceres ONNX, user-supplied path).
+//! * [`segment`]: the [`Segmenter`] trait, U²-Net (rembg's processing) and the embedded selfie model.
 //! * [`resample`]: `cv2.resize`-exact `INTER_LINEAR` / `INTER_AREA` for the detectors' inputs.
 //! * [`geometry`]: EasyPhoto's box rules (expansion by a ratio, left-to-right order, roll score,
 //!   training box) and PIL-style crops.
@@ -35,6 +36,7 @@ pub mod ranking;
 pub mod resample;
 pub mod runtime;
 pub mod scrfd;
+pub mod segment;
 
 pub use align::{ARCFACE_TEMPLATE, Affine, Similarity, estimate_norm, norm_crop, warp_affine};
 pub use arcface::{ArcFace, ArcFaceConfig};
@@ -45,3 +47,4 @@ pub use mtcnn::{Mtcnn, MtcnnConfig};
 pub use preprocess::{DecodeLimits, decode_rgb, load_rgb, load_rgb_with, to_nchw_signed};
 pub use runtime::{Input, OnnxModel, environment};
 pub use scrfd::{Scrfd, ScrfdConfig};
+pub use segment::{HumanSelfie, Segmenter, U2Net};

@@ -256,3 +256,106 @@ fn resize_linear_f64(src: &[f64], (sw, sh): (usize, usize), channels: usize, (dw
     }
     out
 }
+
+/// A Pillow resampling filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PilFilter {
+    /// `Image.BILINEAR` (triangle, support 1).
+    Bilinear,
+    /// `Image.LANCZOS` (Lanczos-3).
+    Lanczos,
+}
+
+impl PilFilter {
+    fn support(self) -> f64 {
+        match self {
+            Self::Bilinear => 1.0,
+            Self::Lanczos => 3.0,
+        }
+    }
+
+    fn weight(self, x: f64) -> f64 {
+        let sinc = |x: f64| if x == 0.0 { 1.0 } else { (x * std::f64::consts::PI).sin() / (x * std::f64::consts::PI) };
+        match self {
+            Self::Bilinear => (1.0 - x.abs()).max(0.0),
+            Self::Lanczos if (-3.0..3.0).contains(&x) => sinc(x) * sinc(x / 3.0),
+            Self::Lanczos => 0.0,
+        }
+    }
+}
+
+/// Fixed-point bits of Pillow's 8-bit resampling coefficients (`PRECISION_BITS`).
+const PIL_BITS: u32 = 22;
+
+/// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc`: per output index, the first source
+/// index and the fixed-point weights.
+fn pil_taps(src: usize, dst: usize, filter: PilFilter) -> Vec<(usize, Vec<i64>)> {
+    let scale = src as f64 / dst as f64;
+    let filterscale = scale.max(1.0);
+    let support = filter.support() * filterscale;
+    (0..dst)
+        .map(|d| {
+            let center = (d as f64 + 0.5) * scale;
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+            let xmax = ((center + support + 0.5) as i64).min(src as i64) as usize;
+            let w: Vec<f64> = (xmin..xmax).map(|x| filter.weight((x as f64 - center + 0.5) / filterscale)).collect();
+            let total: f64 = w.iter().sum();
+            let fixed = w
+                .iter()
+                .map(|&k| {
+                    let k = if total != 0.0 { k / total } else { k };
+                    let v = k * f64::from(1u32 << PIL_BITS);
+                    (if k < 0.0 { v - 0.5 } else { v + 0.5 }) as i64
+                })
+                .collect();
+            (xmin, fixed)
+        })
+        .collect()
+}
+
+/// `Image.resize((dw, dh), filter)` of Pillow on an 8-bit image (`L`, `RGB`, ...): a horizontal
+/// then a vertical pass, each with 22-bit fixed-point weights, rounding and clamping to 8 bits in
+/// between, as Pillow does. A pass whose size is unchanged is skipped, as in Pillow.
+pub fn resize_pil_u8(
+    src: &[u8],
+    (sw, sh): (usize, usize),
+    channels: usize,
+    (dw, dh): (usize, usize),
+    filter: PilFilter,
+) -> Vec<u8> {
+    let clip = |v: i64| (v >> PIL_BITS).clamp(0, 255) as u8;
+    let half = 1i64 << (PIL_BITS - 1);
+    let horizontal = if dw != sw {
+        let taps = pil_taps(sw, dw, filter);
+        let mut out = vec![0u8; dw * sh * channels];
+        for y in 0..sh {
+            for (dx, (x0, k)) in taps.iter().enumerate() {
+                for c in 0..channels {
+                    let s = k
+                        .iter()
+                        .enumerate()
+                        .fold(half, |s, (i, &w)| s + i64::from(src[(y * sw + x0 + i) * channels + c]) * w);
+                    out[(y * dw + dx) * channels + c] = clip(s);
+                }
+            }
+        }
+        out
+    } else {
+        src.to_vec()
+    };
+    if dh == sh {
+        return horizontal;
+    }
+    let taps = pil_taps(sh, dh, filter);
+    let mut out = vec![0u8; dw * dh * channels];
+    for (dy, (y0, k)) in taps.iter().enumerate() {
+        for i in 0..dw * channels {
+            let s = k
+                .iter()
+                .enumerate()
+                .fold(half, |s, (j, &w)| s + i64::from(horizontal[(y0 + j) * dw * channels + i]) * w);
+            out[dy * dw * channels + i] = clip(s);
+        }
+    }
+    out
+}
