@@ -78,7 +78,7 @@ impl ProgressBars {
     }
 
     fn new_bar(event: &Progress<'_>) -> indicatif::ProgressBar {
-        let bytes = event.stage == crate::download::STAGE;
+        let bytes = [crate::download::STAGE, crate::download::VERIFY_STAGE].contains(&event.stage);
         let (bar, template) = match event.total {
             Some(total) if bytes => (
                 indicatif::ProgressBar::new(total),
