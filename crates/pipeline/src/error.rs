@@ -73,6 +73,9 @@ pub enum PipelineError {
     #[error("{path}: {reason}")]
     InvalidInput { path: PathBuf, reason: String },
 
+    #[error(transparent)]
+    Face(#[from] easyphoto_face::FaceError),
+
     #[error("not yet implemented in this build: {stage}")]
     NotImplemented { stage: String },
 }

@@ -3,6 +3,7 @@
 //!
 //! - [`user`]: user ids (any Unicode name, validated before it names files), the per-user
 //!   on-disk layout, and atomic writes.
+//! - [`original_backup`]: the first training step, the uploaded photos saved EXIF-transposed as RGB JPEGs.
 //! - [`models`]: the manifest of every model file the flows need, resolved under a models
 //!   directory, with `verify` and the offline check.
 //! - [`download`]: resumable, checked downloads of manifest files (Hugging Face URL scheme).
@@ -19,6 +20,7 @@ pub mod download;
 pub mod error;
 pub mod jobs;
 pub mod models;
+pub mod original_backup;
 pub mod progress;
 pub mod user;
 
