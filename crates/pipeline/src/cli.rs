@@ -32,7 +32,7 @@ pub struct Cli {
     #[arg(long, global = true, env = "HF_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
     pub endpoint: String,
     /// Never download: report what is missing and where to put it.
-    #[arg(long, global = true, env = "HF_HUB_OFFLINE")]
+    #[arg(long, global = true, env = "HF_HUB_OFFLINE", value_parser = clap::builder::BoolishValueParser::new())]
     pub offline: bool,
     #[command(subcommand)]
     pub command: Command,

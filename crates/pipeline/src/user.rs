@@ -18,6 +18,7 @@
 //! processed_images/train/<i>.txt                   their caption
 //! processed_images/metadata.jsonl                  {"file_name": "train/<i>.jpg", "text": caption}
 //! user_weights/checkpoint-<step>.safetensors       LoRA checkpoints
+//! user_weights/train_state.safetensors             optimizer state, to resume training
 //! user_weights/validation/step-<step>_template-<k>.jpg   validation images
 //! user_weights/best_outputs/<id>.safetensors       the final (fused) LoRA
 //! user_weights/best_outputs/face_id.jpg            the best validation face

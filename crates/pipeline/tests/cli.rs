@@ -41,7 +41,16 @@ impl Setup {
     fn run(&self, args: &[&str]) -> easyphoto_pipeline::Result<String> {
         let root = self.path("root");
         let models = self.path("models");
-        let mut argv = vec!["easyphoto", "--root", root.to_str().unwrap(), "--models-dir", models.to_str().unwrap()];
+        // Explicit values, so that EASYPHOTO_* / HF_* variables of the environment do not leak in.
+        let mut argv = vec![
+            "easyphoto",
+            "--root",
+            root.to_str().unwrap(),
+            "--models-dir",
+            models.to_str().unwrap(),
+            "--endpoint",
+            "https://huggingface.co",
+        ];
         argv.extend_from_slice(args);
         let cli = Cli::try_parse_from(argv).unwrap();
         let mut out = Vec::new();
@@ -254,6 +263,14 @@ fn command_lines_parse_with_easyphotos_names() {
     assert!(Cli::try_parse_from(["easyphoto", "infer", "--template", "t.jpg"]).is_err(), "user id required");
     assert!(Cli::try_parse_from(["easyphoto", "train", "--user-id", "a"]).is_err(), "photos required");
     assert!(Cli::try_parse_from(["easyphoto", "models", "fetch", "--flow", "sdxl"]).is_err());
+    // huggingface_hub's convention, HF_HUB_OFFLINE=1, turns offline mode on.
+    let out = Command::new(env!("CARGO_BIN_EXE_easyphoto"))
+        .args(["--models-dir", "/nonexistent-models", "models", "fetch", "template-1"])
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(!out.status.success() && err.contains("1 model file(s) missing"), "{err}");
     assert!(Cli::try_parse_from(["easyphoto", "models", "verify", "--flow", "train", "scrfd-10g"]).is_ok());
 }
 
