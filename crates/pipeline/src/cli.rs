@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{InferConfig, TrainConfig, load_config};
-use crate::download::Downloader;
+use crate::download::{Downloader, Fetched};
 use crate::error::{PipelineError, Result};
 use crate::jobs::{InferJob, TrainJob, Workspace};
 use crate::models::{self, DEFAULT_ENDPOINT, Flow, Manifest, ModelFile, Verification};
@@ -191,16 +191,22 @@ fn fetch(
     }
     let token = std::env::var("HF_TOKEN").ok();
     let downloader = Downloader::new(&cli.endpoint).with_token(token);
+    // One failed file does not stop the others; the first error is returned at the end.
+    let mut first_error = None;
     for m in models {
-        let fetched = downloader.fetch(m, &cli.models_dir, observer, cancel)?;
-        match (&fetched.sha256, fetched.downloaded) {
-            (Some(sha), true) => {
-                print(out, format_args!("{}: downloaded {} bytes, sha256 {sha}", m.name, fetched.size))?
+        match downloader.fetch(m, &cli.models_dir, observer, cancel) {
+            Ok(Fetched { sha256: Some(sha), downloaded: true, size, .. }) => {
+                print(out, format_args!("{}: downloaded {size} bytes, sha256 {sha}", m.name))?
             }
-            _ => print(out, format_args!("{}: present ({} bytes)", m.name, fetched.size))?,
+            Ok(fetched) => print(out, format_args!("{}: present ({} bytes)", m.name, fetched.size))?,
+            Err(e @ PipelineError::Cancelled { .. }) => return Err(e),
+            Err(e) => {
+                print(out, format_args!("{}: FAILED: {e}", m.name))?;
+                first_error.get_or_insert(e);
+            }
         }
     }
-    Ok(())
+    first_error.map_or(Ok(()), Err)
 }
 
 fn verify(

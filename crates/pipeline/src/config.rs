@@ -38,7 +38,7 @@ pub struct TrainConfig {
     pub resolution: u32,
     /// Save a checkpoint and run validation every this many steps (and after the last step).
     pub val_and_checkpointing_steps: u32,
-    /// Steps = min(photos × `steps_per_photos`, `max_train_steps`).
+    /// Steps = min(photos × `steps_per_photos`, `max_train_steps`) ([`TrainConfig::train_steps`]).
     pub max_train_steps: u32,
     pub steps_per_photos: u32,
     pub train_batch_size: u32,
@@ -101,9 +101,12 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
-    /// EasyPhoto's step rule: min(uploaded photos × `steps_per_photos`, `max_train_steps`).
-    pub fn train_steps(&self, uploaded_photos: usize) -> u32 {
-        let per_photos = (uploaded_photos as u64).saturating_mul(self.steps_per_photos as u64);
+    /// EasyPhoto's step rule, min(photos × `steps_per_photos`, `max_train_steps`), over the photos
+    /// kept for training (at most `max_training_photos`). EasyPhoto counts the uploads instead, so
+    /// 20 uploads of which 15 are kept train as long as 20 would; we count what is trained on.
+    pub fn train_steps(&self, photos: usize) -> u32 {
+        let kept = photos.min(self.max_training_photos as usize) as u64;
+        let per_photos = kept.saturating_mul(self.steps_per_photos as u64);
         per_photos.min(self.max_train_steps as u64) as u32
     }
 
@@ -424,6 +427,8 @@ mod tests {
         assert_eq!(t.train_steps(3), 600);
         assert_eq!(t.train_steps(5), 800);
         assert_eq!(t.train_steps(20), 800);
+        let long = TrainConfig { max_train_steps: 10_000, ..TrainConfig::default() };
+        assert_eq!(long.train_steps(20), 15 * 200, "only the 15 kept photos count");
         t.validate().unwrap();
         let i = InferConfig::default();
         assert_eq!((i.first_diffusion_steps, i.first_denoising_strength), (50, 0.45));

@@ -27,7 +27,7 @@ pub struct TrainJob {
     /// The photos, sorted by file name, each with a readable image header.
     pub photos: Vec<PathBuf>,
     pub config: TrainConfig,
-    /// EasyPhoto's step rule applied to the number of photos.
+    /// The step rule applied to the photos (an upper bound until face detection drops some).
     pub train_steps: u32,
 }
 

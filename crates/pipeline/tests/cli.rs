@@ -322,9 +322,12 @@ fn models_list_fetch_and_verify_through_the_binary() {
     assert!(out.contains("scrfd-10g: WRONG SIZE: 9 bytes, expected 16923827"), "{out}");
     assert!(err.contains("failed verification") && err.contains("det_10g.onnx"), "{err}");
 
-    let (ok, _, err) = binary(&s, &["--endpoint", &server.base, "models", "fetch", "template-3"]);
+    // A missing file does not stop the others; the error names it.
+    server.route("/alibaba-pai/pai-easyphoto/resolve/main/4.jpg", Route { body: body.clone(), ..Route::default() });
+    let (ok, out, err) = binary(&s, &["--endpoint", &server.base, "models", "fetch", "template-3", "template-4"]);
     assert!(!ok);
     assert!(err.contains("template-3") && err.contains("404"), "{err}");
+    assert!(out.contains("template-3: FAILED") && out.contains("template-4: downloaded 90000 bytes"), "{out}");
     assert!(
         !s.path("models/training_templates/3.jpg").exists() && !s.path("models/training_templates/3.jpg.part").exists()
     );
