@@ -101,7 +101,7 @@ impl<'a> Targets<'a> {
     }
 
     /// Visits the layers of every present model.
-    fn visit(&mut self, f: &mut dyn FnMut(Slot, LayerMut<'_>)) {
+    pub(crate) fn visit(&mut self, f: &mut dyn FnMut(Slot, LayerMut<'_>)) {
         for slot in Slot::ALL {
             if let Some(model) = self.model(slot) {
                 model.visit_layers(&mut |layer| f(slot, layer));

@@ -11,8 +11,13 @@
 //! - [`adapter`]: the run-time LoRA branch attached through the diffusion crate's `Adapter`.
 //! - [`apply`]: several LoRAs at once, merged or attached, with a report of unmatched keys.
 //! - [`fuse`]: averaging checkpoints: EasyPhoto's element-wise mean, and the delta mean by SVD.
+//! - [`network`]: the trainable LoRA (kohya's targets and init), attached to the frozen models.
+//! - [`adamw`]: torch's AdamW and gradient-norm clipping, with saveable state.
+//! - [`train_config`]: EasyPhoto's training recipe as an overridable config.
+//! - [`trainer`]: the training loop: checkpoints, resume, callbacks.
 //! - [`error`]: the crate's error type.
 
+pub mod adamw;
 pub mod adapter;
 pub mod apply;
 pub mod error;
@@ -21,7 +26,10 @@ pub mod fuse;
 pub mod kohya_file;
 pub mod merge;
 pub mod naming;
+pub mod network;
 pub mod peft_file;
+pub mod train_config;
+pub mod trainer;
 
 pub use adapter::LoraAdapter;
 pub use apply::{LoraReport, Merged, Slot, Targets, attach, detach, merge};
@@ -31,7 +39,10 @@ pub use fuse::{average_deltas, average_elementwise};
 pub use kohya_file::{KohyaLora, KohyaModule};
 pub use merge::{delta_weight, lora_scale, merge_weight, scaled_product};
 pub use naming::{KohyaPrefix, ModuleIndex, kohya_name};
+pub use network::LoraNetwork;
 pub use peft_file::{PeftAlpha, load_peft, save_peft};
+pub use train_config::TrainConfig;
+pub use trainer::{Callbacks, Progress, TrainImage, TrainModels, Trained, diffusion_loss, train};
 
 /// Reads a LoRA file in either format: diffusers/peft when some key has `lora_A`/`lora_B`, kohya
 /// otherwise.

@@ -1,0 +1,94 @@
+//! AdamW as `torch.optim.AdamW` computes it (decoupled weight decay), and gradient-norm
+//! clipping as `torch.nn.utils.clip_grad_norm_`; the moments can be saved and restored so that
+//! a resumed run continues exactly.
+
+use candle_core::{Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::LoraError;
+
+/// The hyper-parameters (EasyPhoto: betas 0.9 / 0.999, weight decay 1e-2, eps 1e-8).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AdamWConfig {
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_weight_decay: f64,
+    pub adam_epsilon: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self { adam_beta1: 0.9, adam_beta2: 0.999, adam_weight_decay: 1e-2, adam_epsilon: 1e-8 }
+    }
+}
+
+/// First and second moments of every parameter, and the number of steps taken.
+#[derive(Debug, Clone)]
+pub struct AdamW {
+    config: AdamWConfig,
+    step: usize,
+    moments: Vec<(Tensor, Tensor)>,
+}
+
+impl AdamW {
+    /// A fresh optimizer for `params`.
+    pub fn new(config: AdamWConfig, params: &[&Var]) -> Result<Self, LoraError> {
+        let moments = params
+            .iter()
+            .map(|p| Ok((p.as_tensor().zeros_like()?, p.as_tensor().zeros_like()?)))
+            .collect::<Result<_, LoraError>>()?;
+        Ok(Self { config, step: 0, moments })
+    }
+
+    /// An optimizer restored from saved moments after `step` steps.
+    pub fn from_state(config: AdamWConfig, step: usize, moments: Vec<(Tensor, Tensor)>) -> Self {
+        Self { config, step, moments }
+    }
+
+    /// Steps taken.
+    pub fn steps(&self) -> usize {
+        self.step
+    }
+
+    /// The moments `(exp_avg, exp_avg_sq)`, in parameter order.
+    pub fn moments(&self) -> &[(Tensor, Tensor)] {
+        &self.moments
+    }
+
+    /// One step: for each parameter `p` with gradient `g` and learning rate `lr`,
+    /// `p ← p·(1 − lr·wd)`, `m ← β1·m + (1−β1)·g`, `v ← β2·v + (1−β2)·g²`,
+    /// `p ← p − lr/(1−β1ᵗ) · m / (√v/√(1−β2ᵗ) + ε)`.
+    pub fn step(&mut self, params: &[(&Var, f64)], grads: &[Tensor]) -> Result<(), LoraError> {
+        self.step += 1;
+        let c = self.config;
+        let t = self.step as i32;
+        let bc1 = 1.0 - c.adam_beta1.powi(t);
+        let bc2_sqrt = (1.0 - c.adam_beta2.powi(t)).sqrt();
+        for (((p, lr), g), (m, v)) in params.iter().zip(grads).zip(self.moments.iter_mut()) {
+            *m = ((m.affine(c.adam_beta1, 0.0)? + g.affine(1.0 - c.adam_beta1, 0.0)?)?).contiguous()?;
+            *v = ((v.affine(c.adam_beta2, 0.0)? + g.sqr()?.affine(1.0 - c.adam_beta2, 0.0)?)?).contiguous()?;
+            let decayed = p.as_tensor().affine(1.0 - lr * c.adam_weight_decay, 0.0)?;
+            let denom = v.sqrt()?.affine(1.0 / bc2_sqrt, c.adam_epsilon)?;
+            let update = (m.div(&denom)?).affine(lr / bc1, 0.0)?;
+            p.set(&(decayed - update)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Scales `grads` so that their joint L2 norm is at most `max_norm` (by
+/// `min(1, max_norm / (norm + 1e-6))`, as torch does) and returns the norm before clipping.
+pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64, LoraError> {
+    let mut sum = 0f64;
+    for g in grads.iter() {
+        let n = f64::from(g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?.sqrt());
+        sum += n * n;
+    }
+    let norm = sum.sqrt();
+    let coef = (max_norm / (norm + 1e-6)).min(1.0);
+    for g in grads.iter_mut() {
+        *g = g.affine(coef, 0.0)?;
+    }
+    Ok(norm)
+}
