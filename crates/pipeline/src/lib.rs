@@ -4,6 +4,7 @@
 //! - [`user`]: user ids (any Unicode name, validated before it names files), the per-user
 //!   on-disk layout, and atomic writes.
 //! - [`original_backup`]: the first training step, the uploaded photos saved EXIF-transposed as RGB JPEGs.
+//! - [`training_set`]: the processed crops, captions and `metadata.jsonl`, written and read back.
 //! - [`models`]: the manifest of every model file the flows need, resolved under a models
 //!   directory, with `verify` and the offline check.
 //! - [`download`]: resumable, checked downloads of manifest files (Hugging Face URL scheme).
@@ -22,6 +23,7 @@ pub mod jobs;
 pub mod models;
 pub mod original_backup;
 pub mod progress;
+pub mod training_set;
 pub mod user;
 
 pub use config::{InferConfig, TrainConfig, load_config};
