@@ -359,6 +359,40 @@ mod tests {
     }
 
     #[test]
+    fn writing_every_file_of_a_user_stays_under_the_root() {
+        let outer = tempfile::tempdir().unwrap();
+        let store = UserStore::new(outer.path().join("root"));
+        for name in ["王小明", "Zoë 2", "a.b", "COM10", "x..y", "🙂"] {
+            let id = UserId::new(name).unwrap();
+            for path in [
+                store.info_path(&id),
+                store.original_photo(&id, 0),
+                store.reference_image(&id),
+                store.processed_image(&id, 0),
+                store.caption(&id, 0),
+                store.metadata_jsonl(&id),
+                store.checkpoint(&id, 100),
+                store.validation_image(&id, 100, 0),
+                store.lora_path(&id),
+                store.best_face_image(&id),
+            ] {
+                write_atomic(&path, name.as_bytes()).unwrap();
+            }
+        }
+        let mut files = Vec::new();
+        let mut stack = vec![outer.path().to_path_buf()];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() { stack.push(path) } else { files.push(path) }
+            }
+        }
+        assert_eq!(files.len(), 6 * 10);
+        assert!(files.iter().all(|f| f.starts_with(store.users_dir())), "{files:?}");
+        assert_eq!(store.list().unwrap().len(), 6);
+    }
+
+    #[test]
     fn store_checks_new_and_ready_users() {
         let dir = tempfile::tempdir().unwrap();
         let store = UserStore::new(dir.path());
