@@ -170,9 +170,10 @@ impl Downloader {
             Err(ureq::Error::Status(404, _)) => {
                 return Err(fatal(PipelineError::NotFound { file: model.name.clone(), url: url.to_string() }));
             }
-            // The range starts at or past the end: the part holds the whole file, or junk.
-            Err(ureq::Error::Status(416, _)) if offset > 0 => {
-                if model.size.is_none() {
+            // The range starts at or past the end: the part is the whole file when its length is
+            // the one the server reports (`Content-Range: bytes */<length>`), else junk.
+            Err(ureq::Error::Status(416, response)) if offset > 0 => {
+                if model.size.is_none() && content_range_total(response.header("Content-Range")) == Some(offset) {
                     return Ok(());
                 }
                 remove(part).map_err(fatal)?;
@@ -302,6 +303,11 @@ fn content_range_start(header: Option<&str>) -> Option<u64> {
     header?.trim().strip_prefix("bytes ")?.split('-').next()?.trim().parse().ok()
 }
 
+/// The total length of `Content-Range: bytes <range>/<total>` (or `bytes */<total>`).
+fn content_range_total(header: Option<&str>) -> Option<u64> {
+    header?.rsplit('/').next()?.trim().parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,6 +317,8 @@ mod tests {
         assert_eq!(content_range_start(Some("bytes 100-299/300")), Some(100));
         assert_eq!(content_range_start(Some("bytes */300")), None);
         assert_eq!(content_range_start(None), None);
+        assert_eq!(content_range_total(Some("bytes */300")), Some(300));
+        assert_eq!(content_range_total(Some("bytes 0-9/*")), None);
         assert_eq!(part_path(Path::new("/m/ControlNet/x.pth")), Path::new("/m/ControlNet/x.pth.part"));
     }
 

@@ -257,3 +257,29 @@ fn a_disk_error_names_the_path() {
     }
     assert!(server.seen().is_empty(), "nothing is requested when the file cannot be written");
 }
+
+#[test]
+fn a_part_at_or_past_the_end_is_kept_only_when_it_is_the_whole_file() {
+    let body = bytes(40_000, 10);
+    let server = Server::start();
+    server.route(PATH, Route { body: body.clone(), ..Route::default() });
+    let m = model("unknown", None);
+
+    // A complete part from a run killed before its rename: the server answers 416, nothing to fetch.
+    let dir = tempfile::tempdir().unwrap();
+    let part = part_path(&m.local_path(dir.path()));
+    std::fs::create_dir_all(part.parent().unwrap()).unwrap();
+    std::fs::write(&part, &body).unwrap();
+    let fetched = downloader(&server).fetch(&m, dir.path(), &Silent, &CancelToken::new()).unwrap();
+    assert_eq!(std::fs::read(&fetched.path).unwrap(), body);
+    assert_eq!(fetched.sha256.as_deref(), Some(sha256_hex(&body).as_str()));
+
+    // A part longer than the file is junk: deleted and downloaded again.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(part_path(&m.local_path(dir.path())).parent().unwrap()).unwrap();
+    std::fs::write(part_path(&m.local_path(dir.path())), bytes(50_000, 12)).unwrap();
+    let fetched = downloader(&server).fetch(&m, dir.path(), &Silent, &CancelToken::new()).unwrap();
+    assert_eq!(std::fs::read(&fetched.path).unwrap(), body);
+    let ranges: Vec<_> = server.seen().into_iter().map(|s| s.range).collect();
+    assert_eq!(ranges, [Some("bytes=40000-".into()), Some("bytes=50000-".into()), None]);
+}
