@@ -13,6 +13,10 @@ Writes crates/controlnet/tests/fixtures/openpose/:
 - decode_maps.safetensors    heat maps [H, W, 19] and PAFs [H, W, 38] synthesised from known skeletons,
                              stored sparse (`heat_index`/`heat_value`, `paf_index`/`paf_value`: flat
                              indices and values of the non-zeros), plus `shape` = [H, W]
+- estimate_io.safetensors    controlnet_aux Body(image) on a 256x128 crop of astronaut.png with the formula
+                             weights: `image`, heat maps / PAFs at image size sampled every 8th pixel from
+                             (3, 3) (`heat_samples` [32, 16, 19], `paf_samples` [32, 16, 38]), their
+                             per-channel sums (`heat_sums`, `paf_sums`, f64), `candidate` and `subset`
 - decode_expected.json       controlnet_aux Body's `candidate` and `subset` tables on those maps (its
                              network replaced by one returning the maps, its resizes by identities)
 
@@ -227,6 +231,50 @@ def decode_fixture():
                                        "subset": np.asarray(subset).tolist()})
 
 
+def estimate_fixture():
+    import sys
+    import torch
+    from safetensors.torch import save_file
+    from controlnet_aux.open_pose import body as body_module
+    from controlnet_aux.open_pose import util
+    from controlnet_aux.open_pose.model import bodypose_model
+
+    torch.set_num_threads(1)
+    model = bodypose_model().eval()
+    shapes = {".".join(k.split(".")[1:]): tuple(v.shape) for k, v in model.state_dict().items()}
+    original = {k: torch.from_numpy(v) for k, v in formula_weights(shapes).items()}
+    model.load_state_dict(util.transfer(model, original))
+    estimator = body_module.Body.__new__(body_module.Body)
+    estimator.model = model
+
+    astronaut = np.array(Image.open(ROOT / "crates/controlnet/tests/assets/astronaut.png").convert("RGB"))
+    image = np.ascontiguousarray(astronaut[40:296, 170:298])  # 256 x 128, RGB
+    captured = {}
+
+    def grab_locals(frame, event, arg):
+        if event == "return" and frame.f_code is body_module.Body.__call__.__code__:
+            captured.update(heat=frame.f_locals["heatmap_avg"], paf=frame.f_locals["paf_avg"])
+
+    sys.setprofile(grab_locals)
+    try:
+        # OpenposeDetector.detect_poses hands Body the image as BGR.
+        candidate, subset = estimator(image[:, :, ::-1].copy())
+    finally:
+        sys.setprofile(None)
+    heat, paf = captured["heat"], captured["paf"]
+    print("estimate:", len(candidate), "candidates,", len(subset), "people, |heat| max", np.abs(heat).max())
+    tensors = {
+        "image": torch.from_numpy(image),
+        "heat_samples": torch.from_numpy(np.ascontiguousarray(heat[3::8, 3::8]).astype(np.float32)),
+        "paf_samples": torch.from_numpy(np.ascontiguousarray(paf[3::8, 3::8]).astype(np.float32)),
+        "heat_sums": torch.from_numpy(heat.sum(axis=(0, 1))),
+        "paf_sums": torch.from_numpy(paf.sum(axis=(0, 1))),
+        "candidate": torch.from_numpy(np.asarray(candidate, np.float64).reshape(-1, 4)),
+        "subset": torch.from_numpy(np.asarray(subset, np.float64).reshape(-1, 20)),
+    }
+    save_file(tensors, OUT / "estimate_io.safetensors")
+
+
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(20240607)
@@ -234,6 +282,7 @@ def main():
     save_json("draw_bodypose.json", draw_cases(rng))
     body_model_fixture()
     decode_fixture()
+    estimate_fixture()
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
 //! - [`load`]: loading from original `.pth` / `.safetensors` files and diffusers folders.
 //! - [`control`]: control units (weight, guidance window, control mode) applied while sampling.
 //! - [`original_keys`]: key names of the original lllyasviel checkpoints mapped to diffusers names.
+//! - [`preprocess`]: the conditioning preprocessors (canny, colour map, tile, openpose).
 //! - [`error`]: the crate's error type.
 
 pub mod conditioning_embedding;
@@ -14,6 +15,7 @@ pub mod controlnet;
 pub mod error;
 pub mod load;
 pub mod original_keys;
+pub mod preprocess;
 mod weights;
 
 pub use conditioning_embedding::{

@@ -13,7 +13,7 @@ use easyphoto_controlnet::preprocess::PreprocessError;
 use easyphoto_controlnet::preprocess::openpose::body_model::checkpoint_keys;
 use easyphoto_controlnet::preprocess::openpose::draw::ellipse_to_polygon;
 use easyphoto_controlnet::preprocess::openpose::{
-    Body, BodyPoseModel, Keypoint, MoveNet, PoseMaps, decode, draw_bodypose,
+    Body, BodyPoseModel, Keypoint, MoveNet, PoseMaps, decode, draw_bodypose, pose_maps,
 };
 use image::RgbImage;
 use serde_json::Value;
@@ -243,6 +243,66 @@ fn decoding_matches_controlnet_aux_on_synthesised_skeletons() -> Result<()> {
                 assert!((k.x * w as f64 - px).abs() <= 1.0 && (k.y * h as f64 - py).abs() <= 1.0);
             }
         }
+    }
+    Ok(())
+}
+
+/// Heat maps and PAFs after the network, ×8 Lanczos-4 and the area resize: float32 sums in another
+/// order than OpenCV's SIMD rows.
+const MAP_TOLERANCE: f64 = 1e-5;
+
+#[test]
+fn body_estimation_matches_controlnet_aux() -> Result<()> {
+    let io =
+        candle_core::safetensors::load(crate_path("tests/fixtures/openpose/estimate_io.safetensors"), &Device::Cpu)?;
+    let pixels = io["image"].to_dtype(DType::U8)?;
+    let (h, w, _) = pixels.dims3()?;
+    let image = RgbImage::from_raw(w as u32, h as u32, pixels.flatten_all()?.to_vec1::<u8>()?).context("image")?;
+    let model =
+        BodyPoseModel::new(VarBuilder::from_tensors(formula_weights(&body_shapes()?)?, DType::F32, &Device::Cpu))?;
+    let (heat, paf) = pose_maps(&model, &image, &Device::Cpu)?;
+
+    for (name, ours, channels) in [("heat", &heat, 19), ("paf", &paf, 38)] {
+        let samples = io[&format!("{name}_samples")].flatten_all()?.to_vec1::<f32>()?;
+        let mut i = 0;
+        let mut worst = 0f64;
+        for y in (3..h).step_by(8) {
+            for x in (3..w).step_by(8) {
+                for c in 0..channels {
+                    worst = worst.max((ours[(y * w + x) * channels + c] - f64::from(samples[i])).abs());
+                    i += 1;
+                }
+            }
+        }
+        let sums = io[&format!("{name}_sums")].to_vec1::<f64>()?;
+        let worst_sum = (0..channels)
+            .map(|c| ((0..h * w).map(|p| ours[p * channels + c]).sum::<f64>() - sums[c]).abs())
+            .fold(0f64, f64::max);
+        println!("body estimation {name}: max abs error {worst:.3e} on samples, {worst_sum:.3e} on channel sums");
+        assert!(worst < MAP_TOLERANCE, "{name} samples: {worst}");
+        assert!(worst_sum < MAP_TOLERANCE * (h * w) as f64, "{name} sums: {worst_sum}");
+    }
+
+    let decoded = decode(&PoseMaps { width: w, height: h, heatmaps: &heat, pafs: &paf });
+    let candidates = io["candidate"].to_vec2::<f64>()?;
+    let subset = io["subset"].to_vec2::<f64>()?;
+    println!(
+        "body estimation: {} candidates, {} people (controlnet_aux: {}, {})",
+        decoded.candidates.len(),
+        decoded.subset.len(),
+        candidates.len(),
+        subset.len()
+    );
+    assert_eq!(decoded.candidates.len(), candidates.len(), "peaks");
+    for (ours, theirs) in decoded.candidates.iter().zip(&candidates) {
+        assert_eq!(ours[0..2], theirs[0..2], "peak position");
+        assert!((ours[2] - theirs[2]).abs() < MAP_TOLERANCE, "peak score");
+    }
+    assert_eq!(decoded.subset.len(), subset.len(), "people");
+    for (ours, theirs) in decoded.subset.iter().zip(&subset) {
+        assert_eq!(ours[..18], theirs[..18], "parts of a person");
+        assert_eq!(ours[19], theirs[19], "part count");
+        assert!((ours[18] - theirs[18]).abs() < 1e-3, "person score");
     }
     Ok(())
 }

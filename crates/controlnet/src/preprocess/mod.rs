@@ -15,7 +15,7 @@ pub mod tile;
 
 pub use canny::{annotate_canny, canny};
 pub use color::color_map;
-pub use resize::{Interpolation, resize, resize_short_side};
+pub use resize::{Interpolation, resize, resize_map, resize_short_side};
 pub use tile::tile_resample;
 
 /// Everything that can go wrong in a preprocessor.
@@ -71,6 +71,9 @@ pub enum PreprocessError {
         /// The missing key, e.g. `Mconv7_stage6_L2.weight`.
         key: String,
     },
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
     /// ONNX Runtime failed while running a model.
     #[error(transparent)]
     Ort(#[from] ort::Error),

@@ -157,44 +157,56 @@ fn lanczos4_coefficients(x: f32) -> [f32; 8] {
     coeffs.map(|c| c * inv)
 }
 
-/// Source offset and fixed-point weights of every destination index along one axis.
-fn axis_taps(src_len: usize, dst_len: usize, kernel: Kernel) -> (Vec<isize>, Vec<i32>) {
-    let taps = kernel.taps();
+/// Source position of every destination index along one axis: the index of the tap left of the
+/// sample point, and the fraction past it (OpenCV's `sx`, `fx`, clamped as OpenCV clamps them).
+fn axis_positions(src_len: usize, dst_len: usize, kernel: Kernel) -> Vec<(isize, f32)> {
     let inv_scale = dst_len as f64 / src_len as f64;
     let scale = 1.0 / inv_scale;
-    let mut offsets = Vec::with_capacity(dst_len);
-    let mut weights = Vec::with_capacity(dst_len * taps);
-    for d in 0..dst_len {
-        let (mut s, mut f) = match kernel {
+    (0..dst_len)
+        .map(|d| match kernel {
             Kernel::AreaLinear => {
                 let s = (d as f64 * scale).floor() as isize;
                 let f = ((d + 1) as f64 - (s + 1) as f64 * inv_scale) as f32;
-                (s, if f <= 0.0 { 0.0 } else { f - f.floor() })
+                let f = if f <= 0.0 { 0.0 } else { f - f.floor() };
+                if s < 0 {
+                    (0, 0.0)
+                } else if s >= src_len as isize - 1 {
+                    (src_len as isize - 1, 0.0)
+                } else {
+                    (s, f)
+                }
             }
             _ => {
                 let f = ((d as f64 + 0.5) * scale - 0.5) as f32;
                 let s = f.floor();
                 (s as isize, f - s)
             }
-        };
-        if let Kernel::AreaLinear = kernel {
-            if s < 0 {
-                (s, f) = (0, 0.0);
-            }
-            if s >= src_len as isize - 1 {
-                (s, f) = (src_len as isize - 1, 0.0);
-            }
-        }
-        let first = s - (taps as isize / 2 - 1);
-        offsets.push(first);
-        let mut push = |c: f32| weights.push((c * COEF_SCALE).round_ties_even() as i32);
-        match kernel {
-            Kernel::Cubic => cubic_coefficients(f).into_iter().for_each(&mut push),
-            Kernel::Lanczos4 => lanczos4_coefficients(f).into_iter().for_each(&mut push),
-            Kernel::AreaLinear => [1.0 - f, f].into_iter().for_each(&mut push),
-        }
+        })
+        .collect()
+}
+
+/// The filter's float coefficients at fraction `f`.
+fn coefficients(kernel: Kernel, f: f32) -> Vec<f32> {
+    match kernel {
+        Kernel::Cubic => cubic_coefficients(f).to_vec(),
+        Kernel::Lanczos4 => lanczos4_coefficients(f).to_vec(),
+        Kernel::AreaLinear => vec![1.0 - f, f],
     }
-    (offsets, weights)
+}
+
+/// First source index and float weights of every destination index along one axis.
+fn axis_taps_f32(src_len: usize, dst_len: usize, kernel: Kernel) -> (Vec<isize>, Vec<f32>) {
+    let back = kernel.taps() as isize / 2 - 1;
+    let positions = axis_positions(src_len, dst_len, kernel);
+    let first = positions.iter().map(|&(s, _)| s - back).collect();
+    let weights = positions.iter().flat_map(|&(_, f)| coefficients(kernel, f)).collect();
+    (first, weights)
+}
+
+/// First source index and fixed-point weights (× 2048, rounded) of every destination index.
+fn axis_taps(src_len: usize, dst_len: usize, kernel: Kernel) -> (Vec<isize>, Vec<i32>) {
+    let (first, weights) = axis_taps_f32(src_len, dst_len, kernel);
+    (first, weights.into_iter().map(|c| (c * COEF_SCALE).round_ties_even() as i32).collect())
 }
 
 /// Bicubic / Lanczos-4 / area-bilinear: a horizontal pass into 32-bit rows, then a vertical pass.
@@ -226,10 +238,11 @@ fn separable(src: &Plane, dw: usize, dh: usize, kernel: Kernel) -> Vec<u8> {
         let rows: Vec<&[i32]> =
             (0..taps).map(|k| horizontal[clamp(y_first[dy] + k as isize, src.height)].as_slice()).collect();
         let b = &beta[dy * taps..(dy + 1) * taps];
-        for i in 0..dw * cn {
-            let sum: i64 = rows.iter().zip(b).map(|(r, &w)| i64::from(r[i]) * i64::from(w)).sum();
-            out.push(((sum + (1 << 21)) >> 22).clamp(0, 255) as u8);
+        let mut acc = vec![1i64 << 21; dw * cn];
+        for (row, &weight) in rows.iter().zip(b) {
+            acc.iter_mut().zip(row.iter()).for_each(|(a, &v)| *a += i64::from(v) * i64::from(weight));
         }
+        out.extend(acc.into_iter().map(|v| (v >> 22).clamp(0, 255) as u8));
     }
     out
 }
@@ -332,6 +345,101 @@ fn area_integer(src: &Plane, dw: usize, dh: usize, ix: usize, iy: usize) -> Vec<
                 });
             }
         }
+    }
+    out
+}
+
+/// `cv2.resize` of a single-channel f32 map (OpenCV's float path: unrounded coefficients, float
+/// sums), for network outputs such as OpenPose's heat maps. Nearest is not offered.
+pub fn resize_map(
+    map: &[f32],
+    width: usize,
+    height: usize,
+    dst_width: usize,
+    dst_height: usize,
+    interpolation: Interpolation,
+) -> Result<Vec<f32>, PreprocessError> {
+    let size = |w: usize, h: usize| (w as u32, h as u32);
+    if width == 0 || height == 0 || dst_width == 0 || dst_height == 0 || map.len() != width * height {
+        return Err(PreprocessError::EmptySize { from: size(width, height), to: size(dst_width, dst_height) });
+    }
+    if (width, height) == (dst_width, dst_height) {
+        return Ok(map.to_vec());
+    }
+    let kernel = match interpolation {
+        Interpolation::Cubic => Kernel::Cubic,
+        Interpolation::Lanczos4 => Kernel::Lanczos4,
+        Interpolation::Area => {
+            let (sx, sy) = (width as f64 / dst_width as f64, height as f64 / dst_height as f64);
+            if sx >= 1.0 && sy >= 1.0 {
+                return Ok(area_map(map, width, height, dst_width, dst_height, sx, sy));
+            }
+            Kernel::AreaLinear
+        }
+        Interpolation::Nearest => {
+            return Err(PreprocessError::InvalidParameter {
+                name: "interpolation",
+                reason: "nearest is not implemented for float maps".into(),
+            });
+        }
+    };
+    Ok(separable_map(map, width, height, dst_width, dst_height, kernel))
+}
+
+fn separable_map(map: &[f32], w: usize, h: usize, dw: usize, dh: usize, kernel: Kernel) -> Vec<f32> {
+    let taps = kernel.taps();
+    let (x_first, alpha) = axis_taps_f32(w, dw, kernel);
+    let (y_first, beta) = axis_taps_f32(h, dh, kernel);
+    let clamp = |i: isize, len: usize| i.clamp(0, len as isize - 1) as usize;
+    let horizontal: Vec<Vec<f32>> = (0..h)
+        .map(|y| {
+            let row = &map[y * w..(y + 1) * w];
+            (0..dw)
+                .map(|dx| {
+                    let a = &alpha[dx * taps..(dx + 1) * taps];
+                    (0..taps).fold(0.0f32, |acc, k| acc + row[clamp(x_first[dx] + k as isize, w)] * a[k])
+                })
+                .collect()
+        })
+        .collect();
+    let mut out = Vec::with_capacity(dw * dh);
+    for dy in 0..dh {
+        let b = &beta[dy * taps..(dy + 1) * taps];
+        let rows: Vec<&[f32]> = (0..taps).map(|k| horizontal[clamp(y_first[dy] + k as isize, h)].as_slice()).collect();
+        let mut acc: Vec<f32> = rows[0].iter().map(|&v| v * b[0]).collect();
+        for (row, &weight) in rows.iter().zip(b).skip(1) {
+            acc.iter_mut().zip(row.iter()).for_each(|(a, &v)| *a += v * weight);
+        }
+        out.extend(acc);
+    }
+    out
+}
+
+fn area_map(map: &[f32], w: usize, h: usize, dw: usize, dh: usize, sx: f64, sy: f64) -> Vec<f32> {
+    let xtab = area_taps(w, dw, sx);
+    let ytab = area_taps(h, dh, sy);
+    let mut out = vec![0f32; dw * dh];
+    let mut buf = vec![0f32; dw];
+    let mut sum = vec![0f32; dw];
+    let mut prev_dy = None;
+    for t in &ytab {
+        let row = &map[t.src * w..(t.src + 1) * w];
+        buf.fill(0.0);
+        for x in &xtab {
+            buf[x.dst] += row[x.src] * x.alpha;
+        }
+        if prev_dy != Some(t.dst) {
+            if let Some(dy) = prev_dy {
+                out[dy * dw..(dy + 1) * dw].copy_from_slice(&sum);
+            }
+            sum.iter_mut().zip(&buf).for_each(|(s, &b)| *s = t.alpha * b);
+            prev_dy = Some(t.dst);
+        } else {
+            sum.iter_mut().zip(&buf).for_each(|(s, &b)| *s += t.alpha * b);
+        }
+    }
+    if let Some(dy) = prev_dy {
+        out[dy * dw..(dy + 1) * dw].copy_from_slice(&sum);
     }
     out
 }

@@ -2,6 +2,7 @@
 //!
 //! - [`body_model`]: the OpenPose body network of the WebUI annotator (`body_pose_model.pth`).
 //! - [`decode`]: heat maps and part affinity fields to people (controlnet_aux's decoding).
+//! - [`estimate`]: the annotator's whole body estimation (scaling, network, map upsampling, decoding).
 //! - [`draw`]: controlnet_aux's `draw_bodypose` (the picture the ControlNet sees).
 //! - [`movenet`]: the download-free default estimator (MoveNet Lightning through ONNX Runtime),
 //!   mapped to the 18 OpenPose keypoints.
@@ -11,11 +12,13 @@
 pub mod body_model;
 pub mod decode;
 pub mod draw;
+pub mod estimate;
 pub mod movenet;
 
 pub use body_model::BodyPoseModel;
 pub use decode::{Decoded, PoseMaps, decode};
 pub use draw::draw_bodypose;
+pub use estimate::{estimate_bodies, pose_maps};
 pub use movenet::{MoveNet, coco_to_openpose};
 
 /// One body keypoint with coordinates normalised to `[0, 1]` of the image width and height
