@@ -17,6 +17,8 @@ Writes crates/controlnet/tests/fixtures/openpose/:
                              weights: `image`, heat maps / PAFs at image size sampled every 8th pixel from
                              (3, 3) (`heat_samples` [32, 16, 19], `paf_samples` [32, 16, 38]), their
                              per-channel sums (`heat_sums`, `paf_sums`, f64), `candidate` and `subset`
+- openpose_detector.png      controlnet_aux OpenposeDetector (body only, detect/image resolution 128)
+                             on the same crop with the same network: the control image
 - decode_expected.json       controlnet_aux Body's `candidate` and `subset` tables on those maps (its
                              network replaced by one returning the maps, its resizes by identities)
 
@@ -273,6 +275,12 @@ def estimate_fixture():
         "subset": torch.from_numpy(np.asarray(subset, np.float64).reshape(-1, 20)),
     }
     save_file(tensors, OUT / "estimate_io.safetensors")
+
+    from controlnet_aux.open_pose import OpenposeDetector
+
+    detector = OpenposeDetector(estimator)
+    picture = detector(image, detect_resolution=128, image_resolution=128, output_type="np")
+    save_png("openpose_detector.png", picture)
 
 
 def main():

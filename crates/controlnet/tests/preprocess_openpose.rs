@@ -13,7 +13,7 @@ use easyphoto_controlnet::preprocess::PreprocessError;
 use easyphoto_controlnet::preprocess::openpose::body_model::checkpoint_keys;
 use easyphoto_controlnet::preprocess::openpose::draw::ellipse_to_polygon;
 use easyphoto_controlnet::preprocess::openpose::{
-    Body, BodyPoseModel, Keypoint, MoveNet, PoseMaps, decode, draw_bodypose, pose_maps,
+    Body, BodyPoseModel, Keypoint, MoveNet, PoseMaps, annotate_openpose, decode, draw_bodypose, pose_maps,
 };
 use image::RgbImage;
 use serde_json::Value;
@@ -304,5 +304,14 @@ fn body_estimation_matches_controlnet_aux() -> Result<()> {
         assert_eq!(ours[19], theirs[19], "part count");
         assert!((ours[18] - theirs[18]).abs() < 1e-3, "person score");
     }
+
+    // The whole annotator (OpenposeDetector, body only) draws the same picture.
+    let picture = annotate_openpose(&model, &image, 128, &Device::Cpu)?;
+    let path = crate_path("tests/fixtures/openpose/openpose_detector.png");
+    let expected = image::open(&path).with_context(|| path.display().to_string())?.to_rgb8();
+    assert_eq!(picture.dimensions(), expected.dimensions());
+    let differing = picture.pixels().zip(expected.pixels()).filter(|(a, b)| a != b).count();
+    println!("annotate_openpose: {differing} pixels differ from OpenposeDetector");
+    assert_eq!(differing, 0, "annotate_openpose differs from OpenposeDetector");
     Ok(())
 }

@@ -6,8 +6,8 @@
 use candle_core::{Device, Tensor};
 use image::RgbImage;
 
-use super::{BodyPoseModel, Decoded, PoseMaps, decode};
-use crate::preprocess::{Interpolation, PreprocessError, resize, resize_map};
+use super::{BodyPoseModel, Decoded, PoseMaps, decode, draw_bodypose};
+use crate::preprocess::{Interpolation, PreprocessError, resize, resize_map, resize_short_side};
 
 /// Height of the network input for an image (controlnet_aux: `boxsize 368 × scale_search 0.5`).
 const BOX_HEIGHT: f64 = 0.5 * 368.0;
@@ -87,4 +87,22 @@ pub fn estimate_bodies(model: &BodyPoseModel, image: &RgbImage, device: &Device)
     let (heatmaps, pafs) = pose_maps(model, image, device)?;
     let (width, height) = (image.width() as usize, image.height() as usize);
     Ok(decode(&PoseMaps { width, height, heatmaps: &heatmaps, pafs: &pafs }))
+}
+
+/// controlnet_aux `OpenposeDetector(image)` with the body only: the image resized to
+/// `detect_resolution` on its short side (see [`resize_short_side`]), its people estimated and drawn
+/// with [`draw_bodypose`] on black at that size.
+pub fn annotate_openpose(
+    model: &BodyPoseModel,
+    image: &RgbImage,
+    detect_resolution: u32,
+    device: &Device,
+) -> Result<RgbImage, PreprocessError> {
+    let resized = resize_short_side(image, detect_resolution)?;
+    let (w, h) = resized.dimensions();
+    let mut canvas = RgbImage::new(w, h);
+    for body in estimate_bodies(model, &resized, device)?.bodies(w as usize, h as usize) {
+        draw_bodypose(&mut canvas, &body);
+    }
+    Ok(canvas)
 }

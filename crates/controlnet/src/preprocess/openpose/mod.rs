@@ -18,7 +18,7 @@ pub mod movenet;
 pub use body_model::BodyPoseModel;
 pub use decode::{Decoded, PoseMaps, decode};
 pub use draw::draw_bodypose;
-pub use estimate::{estimate_bodies, pose_maps};
+pub use estimate::{annotate_openpose, estimate_bodies, pose_maps};
 pub use movenet::{MoveNet, coco_to_openpose};
 
 /// One body keypoint with coordinates normalised to `[0, 1]` of the image width and height
