@@ -4,7 +4,9 @@
 //! A file is downloaded into `<path>.part` beside its final place, resumed with an HTTP `Range`
 //! request after an interruption (within the run, and across runs), restarted from zero when the
 //! server ignores the range, checked (size, sha256) and only then renamed into place, so the final
-//! path only ever holds a complete, checked file. Transient failures (connection errors, HTTP 5xx
+//! path only ever holds a complete, checked file. The server's `ETag` is kept beside the part
+//! (`<path>.part.etag`) and sent back as `If-Range`, so a part of an older version of the file is
+//! never completed with bytes of a newer one: the server then sends the whole new file. Transient failures (connection errors, HTTP 5xx
 //! and 429) are retried with a growing pause; an attempt that made progress resets the count.
 //!
 //! Plain `ureq` rather than `hf-hub`: hf-hub has a custom endpoint (`with_endpoint`, `HF_ENDPOINT`),
@@ -133,6 +135,7 @@ impl Downloader {
         let sha256 = self.check(model, &part)?;
         let size = file_len(&part);
         std::fs::rename(&part, &dest).map_err(|source| PipelineError::Io { path: dest.clone(), source })?;
+        remove(&etag_path(&part))?;
         Ok(Fetched { path: dest, size, sha256: Some(sha256), downloaded: true })
     }
 
@@ -154,13 +157,16 @@ impl Downloader {
                 return Ok(());
             }
             if offset > size {
-                remove(part).map_err(fatal)?;
+                discard(part).map_err(fatal)?;
                 offset = 0;
             }
         }
         let mut request = self.agent.get(url);
         if offset > 0 {
             request = request.set("Range", &format!("bytes={offset}-"));
+            if let Ok(etag) = std::fs::read_to_string(etag_path(part)) {
+                request = request.set("If-Range", etag.trim());
+            }
         }
         if let Some(token) = &self.token {
             request = request.set("Authorization", &format!("Bearer {token}"));
@@ -176,7 +182,7 @@ impl Downloader {
                 if model.size.is_none() && content_range_total(response.header("Content-Range")) == Some(offset) {
                     return Ok(());
                 }
-                remove(part).map_err(fatal)?;
+                discard(part).map_err(fatal)?;
                 return Err(Failure::Retry("the server refused the range; restarting".into()));
             }
             Err(ureq::Error::Status(status, _)) if status == 429 || status >= 500 => {
@@ -193,10 +199,18 @@ impl Downloader {
         };
         let resumed = offset > 0 && response.status() == 206;
         if resumed && content_range_start(response.header("Content-Range")) != Some(offset) {
-            remove(part).map_err(fatal)?;
+            discard(part).map_err(fatal)?;
             return Err(Failure::Retry("the server resumed at another offset; restarting".into()));
         }
         let start = if resumed { offset } else { 0 };
+        if !resumed {
+            // A strong ETag names this version of the file; weak ones may not be used in If-Range.
+            match response.header("ETag").filter(|e| !e.starts_with("W/")) {
+                Some(etag) => std::fs::write(etag_path(part), etag)
+                    .map_err(|source| Failure::Fatal(PipelineError::Io { path: etag_path(part), source }))?,
+                None => remove(&etag_path(part)).map_err(fatal)?,
+            }
+        }
         let body_len = response.header("Content-Length").and_then(|v| v.trim().parse::<u64>().ok());
         let total = body_len.map(|n| n + start).or(model.size);
         let mut file = if resumed {
@@ -239,14 +253,14 @@ impl Downloader {
     fn check(&self, model: &ModelFile, part: &Path) -> Result<String> {
         let size = file_len(part);
         if let Some(expected) = model.size.filter(|&s| s != size) {
-            remove(part)?;
+            discard(part)?;
             return Err(PipelineError::SizeMismatch { file: model.name.clone(), expected, actual: size });
         }
         let actual = sha256_file(part, &model.name, &crate::progress::Silent, &CancelToken::new())?;
         if let Checksum::Sha256(expected) = &model.sha256
             && *expected != actual
         {
-            remove(part)?;
+            discard(part)?;
             return Err(PipelineError::ChecksumMismatch {
                 file: model.name.clone(),
                 expected: expected.clone(),
@@ -287,6 +301,19 @@ pub fn part_path(dest: &Path) -> PathBuf {
 
 fn file_len(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+/// `<part>.etag`, the version of the file a part belongs to.
+fn etag_path(part: &Path) -> PathBuf {
+    let mut name = part.file_name().unwrap_or_default().to_os_string();
+    name.push(".etag");
+    part.with_file_name(name)
+}
+
+/// Deletes a part and its ETag.
+fn discard(part: &Path) -> Result<()> {
+    remove(part)?;
+    remove(&etag_path(part))
 }
 
 fn remove(path: &Path) -> Result<()> {

@@ -283,3 +283,32 @@ fn a_part_at_or_past_the_end_is_kept_only_when_it_is_the_whole_file() {
     let ranges: Vec<_> = server.seen().into_iter().map(|s| s.range).collect();
     assert_eq!(ranges, [Some("bytes=40000-".into()), Some("bytes=50000-".into()), None]);
 }
+
+#[test]
+fn a_part_of_an_older_version_is_not_completed_with_the_newer_one() {
+    let (v1, v2) = (bytes(80_000, 13), bytes(80_000, 14));
+    let server = Server::start();
+    server.route(PATH, Route { body: v1.clone(), cut: vec![30_000], etag: Some("\"v1\"".into()), ..Route::default() });
+    let dir = tempfile::tempdir().unwrap();
+    let m = model("unknown", None);
+    let once = Downloader::new(&server.base).with_retries(0, Duration::from_millis(1));
+    assert!(matches!(once.fetch(&m, dir.path(), &Silent, &CancelToken::new()), Err(PipelineError::Network { .. })));
+    let part = part_path(&m.local_path(dir.path()));
+    assert_eq!(std::fs::metadata(&part).unwrap().len(), 30_000);
+
+    // Same version: resumed, with If-Range naming it.
+    let fetched = downloader(&server).fetch(&m, dir.path(), &Silent, &CancelToken::new()).unwrap();
+    assert_eq!(std::fs::read(&fetched.path).unwrap(), v1);
+    assert_eq!(server.if_ranges(), [None, Some("\"v1\"".into())]);
+    assert_eq!(server.seen()[1].range.as_deref(), Some("bytes=30000-"));
+    assert_eq!(files_under(dir.path()), vec!["sub/model.bin"], "no part or etag left");
+
+    // The file changed upstream between two runs: the old part is not completed with new bytes.
+    std::fs::remove_file(&fetched.path).unwrap();
+    server.route(PATH, Route { body: v1.clone(), cut: vec![30_000], etag: Some("\"v1\"".into()), ..Route::default() });
+    assert!(once.fetch(&m, dir.path(), &Silent, &CancelToken::new()).is_err());
+    server.route(PATH, Route { body: v2.clone(), etag: Some("\"v2\"".into()), ..Route::default() });
+    let fetched = downloader(&server).fetch(&m, dir.path(), &Silent, &CancelToken::new()).unwrap();
+    assert_eq!(std::fs::read(&fetched.path).unwrap(), v2);
+    assert_eq!(server.if_ranges().last().unwrap().as_deref(), Some("\"v1\""));
+}

@@ -23,6 +23,8 @@ pub struct Route {
     pub status: Option<u16>,
     /// Answer `302 Found` pointing here (as the Hugging Face hub does towards its CDN).
     pub redirect: Option<String>,
+    /// Sent as `ETag`; an `If-Range` naming another version gets the whole body (200).
+    pub etag: Option<String>,
 }
 
 /// One request as the server saw it: path and `Range` header.
@@ -36,6 +38,7 @@ pub struct Server {
     pub base: String,
     routes: Arc<Mutex<HashMap<String, Route>>>,
     seen: Arc<Mutex<Vec<Seen>>>,
+    if_ranges: Arc<Mutex<Vec<Option<String>>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -46,21 +49,22 @@ impl Server {
         let base = format!("http://{}", listener.local_addr().unwrap());
         let routes: Arc<Mutex<HashMap<String, Route>>> = Arc::default();
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let if_ranges: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
-            let (routes, seen, stop) = (routes.clone(), seen.clone(), stop.clone());
+            let (routes, seen, if_ranges, stop) = (routes.clone(), seen.clone(), if_ranges.clone(), stop.clone());
             std::thread::spawn(move || {
                 for stream in listener.incoming() {
                     if stop.load(Ordering::SeqCst) {
                         break;
                     }
                     if let Ok(stream) = stream {
-                        let _ = serve(stream, &routes, &seen);
+                        let _ = serve(stream, &routes, &seen, &if_ranges);
                     }
                 }
             })
         };
-        Self { base, routes, seen, stop, thread: Some(thread) }
+        Self { base, routes, seen, if_ranges, stop, thread: Some(thread) }
     }
 
     pub fn route(&self, path: &str, route: Route) {
@@ -69,6 +73,11 @@ impl Server {
 
     pub fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
+    }
+
+    /// The `If-Range` header of every request, in order.
+    pub fn if_ranges(&self) -> Vec<Option<String>> {
+        self.if_ranges.lock().unwrap().clone()
     }
 }
 
@@ -86,6 +95,7 @@ fn serve(
     mut stream: TcpStream,
     routes: &Mutex<HashMap<String, Route>>,
     seen: &Mutex<Vec<Seen>>,
+    if_ranges: &Mutex<Vec<Option<String>>>,
 ) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut reader = BufReader::new(stream.try_clone()?);
@@ -93,6 +103,7 @@ fn serve(
     reader.read_line(&mut line)?;
     let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
     let mut range = None;
+    let mut if_range = None;
     loop {
         let mut header = String::new();
         if reader.read_line(&mut header)? == 0 || header == "\r\n" {
@@ -103,8 +114,14 @@ fn serve(
         {
             range = Some(value.trim().to_string());
         }
+        if let Some((name, value)) = header.split_once(':')
+            && name.eq_ignore_ascii_case("if-range")
+        {
+            if_range = Some(value.trim().to_string());
+        }
     }
     seen.lock().unwrap().push(Seen { path: path.clone(), range: range.clone() });
+    if_ranges.lock().unwrap().push(if_range.clone());
     let mut routes = routes.lock().unwrap();
     let Some(route) = routes.get_mut(&path) else {
         return stream.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
@@ -121,9 +138,10 @@ fn serve(
         );
     }
     let len = route.body.len();
+    let etag = route.etag.as_ref().map(|e| format!("ETag: {e}\r\n")).unwrap_or_default();
     let start = range
         .as_deref()
-        .filter(|_| !route.ignore_range)
+        .filter(|_| !route.ignore_range && (if_range.is_none() || if_range == route.etag))
         .and_then(|r| r.strip_prefix("bytes="))
         .and_then(|r| r.strip_suffix('-'))
         .and_then(|s| s.parse::<usize>().ok());
@@ -135,11 +153,11 @@ fn serve(
             );
         }
         Some(s) => format!(
-            "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {s}-{}/{len}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {s}-{}/{len}\r\nContent-Length: {}\r\n{etag}Connection: close\r\n\r\n",
             len - 1,
             len - s
         ),
-        None => format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"),
+        None => format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n{etag}Connection: close\r\n\r\n"),
     };
     let start = start.unwrap_or(0);
     let end = if route.cut.is_empty() { len } else { (start + route.cut.remove(0)).min(len) };
