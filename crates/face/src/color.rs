@@ -253,13 +253,17 @@ pub fn color_transfer(src: &RgbImage, reference: &RgbImage) -> Result<RgbImage, 
     let lab = rgb_to_lab(src);
     let (s_mean, s_std) = mean_std(&lab);
     let (t_mean, t_std) = mean_std(&rgb_to_lab(reference));
-    let scale: [f64; 3] = std::array::from_fn(|c| if s_std[c] == 0.0 { 1.0 } else { t_std[c] / s_std[c] });
+    // The mapping of each channel depends on the 8-bit value only: one table per channel.
+    let lut: [[u8; 256]; 3] = std::array::from_fn(|c| {
+        let scale = if s_std[c] == 0.0 { 1.0 } else { t_std[c] / s_std[c] };
+        std::array::from_fn(|v| {
+            let v = ((v as f64 - s_mean[c]) * scale + t_mean[c]).clamp(0.0, 255.0);
+            (v as f32).abs().round_ties_even() as u8
+        })
+    });
     let mut out = lab;
     for px in out.pixels_mut() {
-        for c in 0..3 {
-            let v = ((f64::from(px.0[c]) - s_mean[c]) * scale[c] + t_mean[c]).clamp(0.0, 255.0);
-            px.0[c] = (v as f32).abs().round_ties_even() as u8;
-        }
+        px.0 = [lut[0][usize::from(px.0[0])], lut[1][usize::from(px.0[1])], lut[2][usize::from(px.0[2])]];
     }
     Ok(lab_to_rgb(&out))
 }

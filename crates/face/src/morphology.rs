@@ -98,7 +98,7 @@ impl BlurSample for u8 {
             } else {
                 mul += 1;
             }
-            return ((s + delta) * mul >> 23).min(255) as u8;
+            return (((s + delta) * mul) >> 23).min(255) as u8;
         }
         (sum * (1.0 / area as f64)).round_ties_even().clamp(0.0, 255.0) as u8
     }
@@ -135,15 +135,21 @@ pub fn box_blur<T: BlurSample>(src: &Plane<T>, kw: u32, kh: u32) -> Result<Plane
             rows[y * w + x] = sum;
         }
     }
+    // Column sums carried down the image, one row at a time (OpenCV's `ColumnSum`).
     let ys: Vec<usize> = window_indices(h, kh);
     let area = kw * kh;
+    let mut column = vec![0f64; w];
+    for &i in &ys[..kh] {
+        column.iter_mut().zip(&rows[i * w..(i + 1) * w]).for_each(|(c, r)| *c += r);
+    }
     let mut dst = vec![T::DEFAULT_MIN_VALUE; w * h];
-    for x in 0..w {
-        let mut sum: f64 = ys[..kh].iter().map(|&i| rows[i * w + x]).sum();
-        dst[x] = T::from_sum(sum, area);
-        for y in 1..h {
-            sum += rows[ys[y + kh - 1] * w + x] - rows[ys[y - 1] * w + x];
-            dst[y * w + x] = T::from_sum(sum, area);
+    for y in 0..h {
+        dst[y * w..(y + 1) * w].iter_mut().zip(&column).for_each(|(d, &c)| *d = T::from_sum(c, area));
+        if y + 1 < h {
+            let (add, sub) = (ys[y + kh] * w, ys[y] * w);
+            for (x, c) in column.iter_mut().enumerate() {
+                *c += rows[add + x] - rows[sub + x];
+            }
         }
     }
     Ok(Plane::from_raw(w as u32, h as u32, dst).expect("buffer sized to the image"))
