@@ -65,9 +65,12 @@ fn bytemuck_u16(samples: &[u16]) -> Vec<u8> {
     samples.iter().flat_map(|v| v.to_ne_bytes()).collect()
 }
 
+/// Whether an error is the expected variant.
+type IsExpected = fn(&FaceError) -> bool;
+
 #[test]
 fn bad_files_give_typed_errors_naming_the_file() {
-    let cases: [(&str, fn(&FaceError) -> bool); 5] = [
+    let cases: [(&str, IsExpected); 5] = [
         ("empty.png", |e| matches!(e, FaceError::EmptyImage { .. })),
         ("truncated.png", |e| matches!(e, FaceError::ImageDecode { .. })),
         ("not_an_image.png", |e| matches!(e, FaceError::UnsupportedImage { .. })),
