@@ -5,7 +5,8 @@
 //! the output is the input downsampled `block_out_channels.len() - 1` times by 2 (rounding up).
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
+use easyphoto_diffusion::layers::{Conv2d, LayerMut, VisitLayers};
 
 use crate::ControlNetError;
 use crate::weights::conv2d;
@@ -99,5 +100,13 @@ impl Module for ControlNetConditioningEmbedding {
             xs = block.forward(&xs)?.silu()?;
         }
         self.conv_out.forward(&xs)
+    }
+}
+
+impl VisitLayers for ControlNetConditioningEmbedding {
+    fn visit_layers(&mut self, f: &mut dyn FnMut(LayerMut<'_>)) {
+        self.conv_in.visit_layers(f);
+        self.blocks.visit_layers(f);
+        self.conv_out.visit_layers(f);
     }
 }

@@ -417,6 +417,7 @@ impl VisitLayers for ControlNetModel {
         self.conv_in.visit_layers(f);
         self.time_embedding.visit_layers(f);
         self.add_embedding.visit_layers(f);
+        self.controlnet_cond_embedding.visit_layers(f);
         self.down_blocks.visit_layers(f);
         self.controlnet_down_blocks.visit_layers(f);
         self.mid_block.visit_layers(f);

@@ -1,11 +1,13 @@
 //! Weight lookups that report missing keys and wrong shapes as typed errors.
 
 use candle_core::Tensor;
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
+use easyphoto_diffusion::layers::Conv2d;
 
 use crate::ControlNetError;
 
-/// A `kernel x kernel` conv with bias, read from `vb.pp(name)`.
+/// A `kernel x kernel` conv with bias, read from `vb.pp(name)` (the diffusion crate's layer, with
+/// its CPU kernels and LoRA hook).
 pub(crate) fn conv2d(
     vb: &VarBuilder,
     name: &str,
@@ -15,9 +17,9 @@ pub(crate) fn conv2d(
     config: Conv2dConfig,
 ) -> Result<Conv2d, ControlNetError> {
     let vb = vb.pp(name);
-    let weight = tensor(&vb, "weight", &[out_channels, in_channels, kernel, kernel])?;
-    let bias = tensor(&vb, "bias", &[out_channels])?;
-    Ok(Conv2d::new(weight, Some(bias), config))
+    tensor(&vb, "weight", &[out_channels, in_channels, kernel, kernel])?;
+    tensor(&vb, "bias", &[out_channels])?;
+    Ok(Conv2d::new(vb, in_channels, out_channels, kernel, config.stride, config.padding)?)
 }
 
 /// The tensor `name` under `vb`, which must have shape `shape`.
