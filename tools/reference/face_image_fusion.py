@@ -13,7 +13,13 @@ its second face; user: tests/assets/astronaut.png. Five landmarks of each from m
 4. weights = cv2.blur(float32(cv2.erode(region, ones(k, k))) * ratio, (k, k)) / 255 (float32), and
    `np.uint8(warped * w + template * (1 - w))`; k = 2 * 4 + 1 (feather radius 4), ratio 0.6 and 1.0.
 
-    .venv-ref/bin/python tools/reference/face_image_fusion.py
+Also EasyPhoto's own mask recipes on these masks, line for line from scripts/easyphoto_infer.py:
+`fusion_blend` (PR #345 three-region blend: face intersection, erode16(dilate8) * ratio, fusion eyes
+dilated by 16 set to 255, input lips set to 0, blur 8 / 255, float64 blend) of `fused_6` into the
+template at ratio 0.6, with region masks drawn from the landmarks (`blend.*`); `inpaint_face_mask`
+(close + dilate by face_width // 10) and `contour_mask` (dilate32 - erode16 + eyes/lips, clipped).
+
+    (cd tools/reference && ../../.venv-ref/bin/python face_image_fusion.py)
 """
 
 import warnings
@@ -54,6 +60,26 @@ def ellipse_mask(w, h, lmk):
     return np.uint8((u / d) ** 2 + (v / (1.3 * d)) ** 2 <= 1) * 255
 
 
+def disc_mask(w, h, centre, rx, ry):
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
+    return ((xs - centre[0]) / rx) ** 2 + ((ys - centre[1]) / ry) ** 2 <= 1
+
+
+def easyphoto_blend(fusion_image, input_image, fusion_image_mask, input_image_mask, fusion_image_eyes_mask, input_image_lips_mask, before_face_fusion_ratio):
+    """scripts/easyphoto_infer.py, apply_face_fusion_before, single-channel masks."""
+    fusion_image_mask, input_image_mask = np.int32(np.float32(fusion_image_mask) > 128), np.int32(np.float32(input_image_mask) > 128)
+    combine_mask = np.uint8(input_image_mask * fusion_image_mask * 255)
+    combine_mask = (
+        cv2.erode(cv2.dilate(combine_mask, np.ones((8, 8), np.uint8), iterations=1), np.ones((16, 16), np.uint8), iterations=1)
+        * before_face_fusion_ratio
+    )
+    combine_mask[cv2.dilate(np.float32(fusion_image_eyes_mask), np.ones((16, 16), np.uint8), iterations=1) > 128] = 255
+    combine_mask[np.float32(input_image_lips_mask) > 128] = 0
+    combine_mask = cv2.blur(np.array(combine_mask), (8, 8)) / 255
+    combine_mask = combine_mask[..., None]
+    return np.uint8(np.array(fusion_image) * combine_mask + np.array(input_image) * (1 - combine_mask))
+
+
 def fuse(template, t_lmk, user, u_lmk, mask, ratio, k):
     h, w = template.shape[:2]
     with warnings.catch_warnings():
@@ -89,6 +115,21 @@ def main():
         t[f"fused_{int(ratio * 10)}"] = out
     t["warped_matched"] = warped
     t["region"] = region
+
+    h, w = template.shape[:2]
+    d = float(np.hypot(*(t_lmk[1] - t_lmk[0]).astype(np.float64)))
+    fusion_face = ellipse_mask(w, h, t_lmk + np.float32([2, 1]))
+    eyes = np.uint8(disc_mask(w, h, t_lmk[0], 0.22 * d, 0.15 * d) | disc_mask(w, h, t_lmk[1], 0.22 * d, 0.15 * d)) * 255
+    mouth = (t_lmk[3] + t_lmk[4]).astype(np.float64) / 2
+    lips = np.uint8(disc_mask(w, h, mouth, 0.6 * float(np.hypot(*(t_lmk[4] - t_lmk[3]))), 0.22 * d)) * 255
+    t["blend.fusion_face"], t["blend.fusion_eyes"], t["blend.input_lips"] = fusion_face, eyes, lips
+    t["blend.out"] = easyphoto_blend(t["fused_6"], template, fusion_face, mask, eyes, lips, 0.6)
+    face_width = 73  # the mtcnn box width of this face
+    k = np.ones((face_width // 10, face_width // 10), np.uint8)
+    t["recipe.inpaint"] = cv2.dilate(cv2.morphologyEx(mask, cv2.MORPH_CLOSE, k), k, iterations=1)
+    eyes_lips = np.uint8(np.maximum(eyes, lips))
+    ring = cv2.dilate(mask, np.ones((32, 32), np.uint8), iterations=1) - cv2.erode(mask, np.ones((16, 16), np.uint8), iterations=1)
+    t["recipe.contour"] = np.uint8(np.clip(np.float32(ring) + np.float32(eyes_lips), 0, 255))
     save_file({k: np.ascontiguousarray(v) for k, v in sorted(t.items())}, OUT)
 
 

@@ -137,6 +137,60 @@ pub fn fuse_faces(
     blend(&warped, template, &weights)
 }
 
+/// Region masks (0/255, from face parsing: BiSeNet in EasyPhoto) that [`fusion_blend`] reads.
+#[derive(Debug, Clone, Copy)]
+pub struct FusionRegions<'a> {
+    /// Skin, brows, eyes, nose, mouth and lips of the fusion result.
+    pub fusion_face: &'a GrayImage,
+    /// The same regions of the input (template) image.
+    pub input_face: &'a GrayImage,
+    /// The eyes of the fusion result.
+    pub fusion_eyes: &'a GrayImage,
+    /// The lips of the input image.
+    pub input_lips: &'a GrayImage,
+}
+
+/// The blend weights of EasyPhoto's face fusion (WebUI, PR #345), in f64 as numpy computes them:
+/// the intersection of both face masks, `erode16(dilate8(·)) · ratio`, set to 1 on the fusion's
+/// eyes dilated by 16 (eyes wholly from the fusion) and to 0 on the input's lips (lips kept),
+/// then `box_blur(·, 8) / 255`.
+pub fn fusion_blend_weights(regions: &FusionRegions<'_>, ratio: f64) -> Result<Plane<f64>, FaceError> {
+    let FusionRegions { fusion_face, input_face, fusion_eyes, input_lips } = *regions;
+    let size = fusion_face.dimensions();
+    for (what, mask) in [("input_face", input_face), ("fusion_eyes", fusion_eyes), ("input_lips", input_lips)] {
+        same_size(&format!("fusion_blend_weights (fusion_face, {what})"), size, mask.dimensions())?;
+    }
+    let both = GrayImage::from_fn(size.0, size.1, |x, y| {
+        Luma([if fusion_face[(x, y)][0] > 128 && input_face[(x, y)][0] > 128 { 255 } else { 0 }])
+    });
+    let core = erode(&crate::morphology::dilate(&both, 8, 8), 16, 16);
+    let eyes = crate::morphology::dilate(fusion_eyes, 16, 16);
+    let combined = Plane::<f64>::from_fn(size.0, size.1, |x, y| {
+        let v = if input_lips[(x, y)][0] > 128 {
+            0.0
+        } else if eyes[(x, y)][0] > 128 {
+            255.0
+        } else {
+            f64::from(core[(x, y)][0]) * ratio
+        };
+        Luma([v])
+    });
+    let blurred = box_blur(&combined, 8, 8)?;
+    Ok(Plane::from_fn(size.0, size.1, |x, y| Luma([blurred[(x, y)][0] / 255.0])))
+}
+
+/// EasyPhoto's blend of a fusion result into the input image (`apply_face_fusion_before` /
+/// `_after`): `np.uint8(fusion · w + input · (1 − w))` with [`fusion_blend_weights`]. `ratio` is
+/// the before/after face fusion ratio (0.6 in the WebUI).
+pub fn fusion_blend(
+    fusion: &RgbImage,
+    input: &RgbImage,
+    regions: &FusionRegions<'_>,
+    ratio: f64,
+) -> Result<RgbImage, FaceError> {
+    blend(fusion, input, &fusion_blend_weights(regions, ratio)?)
+}
+
 /// `[x1, y1, x2, y2]` (far edges excluded) of the non-zero pixels, `None` if there are none.
 fn bounding_box(mask: &GrayImage) -> Option<[i32; 4]> {
     let mut bx: Option<[i32; 4]> = None;

@@ -4,10 +4,10 @@
 //! Masks are one-channel [`Plane`]s: `u8` with 0/255 for hard masks (what EasyPhoto thresholds and
 //! dilates), `f32` in `[0, 1]` for blend weights (`cv2.blur(mask, k) / 255`).
 
-use image::{GrayImage, Luma, RgbImage};
+use image::{GrayImage, Luma, Primitive, RgbImage};
 
 use crate::FaceError;
-use crate::morphology::Plane;
+use crate::morphology::{Plane, close, dilate, erode};
 
 /// A `width × height` mask that is 255 inside `bx` (`mask[y1:y2, x1:x2] = 255`, clipped to the
 /// image) and 0 elsewhere: EasyPhoto's box mask.
@@ -45,19 +45,56 @@ pub fn weights(mask: &GrayImage) -> Plane<f32> {
     Plane::from_fn(mask.width(), mask.height(), |x, y| Luma([f32::from(mask[(x, y)][0]) / 255.0]))
 }
 
-/// `np.uint8(fg × m + bg × (1 − m))` with f32 weights `m`: EasyPhoto's composite through a blurred
-/// mask, computed in f32 as numpy does for a float32 mask and truncated to u8.
-pub fn blend(fg: &RgbImage, bg: &RgbImage, mask: &Plane<f32>) -> Result<RgbImage, FaceError> {
+/// A blend weight type; [`blend`] computes in it, as numpy computes in the mask's dtype (EasyPhoto
+/// blends through float32 masks for the colour shift and float64 ones for face fusion).
+pub trait Weight: Primitive {
+    /// `fg · m + bg · (1 − m)` in this type, truncated to u8 (`np.uint8`).
+    fn mix(fg: u8, bg: u8, m: Self) -> u8;
+}
+
+impl Weight for f32 {
+    fn mix(fg: u8, bg: u8, m: Self) -> u8 {
+        (f32::from(fg) * m + f32::from(bg) * (1.0 - m)) as u8
+    }
+}
+
+impl Weight for f64 {
+    fn mix(fg: u8, bg: u8, m: Self) -> u8 {
+        (f64::from(fg) * m + f64::from(bg) * (1.0 - m)) as u8
+    }
+}
+
+/// `np.uint8(fg × m + bg × (1 − m))` with weights `m` in `[0, 1]`: EasyPhoto's composite through a
+/// blurred mask, truncated to u8.
+pub fn blend<W: Weight>(fg: &RgbImage, bg: &RgbImage, mask: &Plane<W>) -> Result<RgbImage, FaceError> {
     same_size("blend (fg, bg)", fg.dimensions(), bg.dimensions())?;
     same_size("blend (fg, mask)", fg.dimensions(), mask.dimensions())?;
     let mut out = bg.clone();
     for ((o, f), m) in out.pixels_mut().zip(fg.pixels()).zip(mask.pixels()) {
-        let m = m[0];
         for c in 0..3 {
-            o.0[c] = (f32::from(f.0[c]) * m + f32::from(o.0[c]) * (1.0 - m)) as u8;
+            o.0[c] = W::mix(f.0[c], o.0[c], m[0]);
         }
     }
     Ok(out)
+}
+
+/// EasyPhoto's first-diffusion inpaint mask (`input_mask_face_part_only`): the face-region mask
+/// closed, then dilated, with a `face_width / 10` square kernel (`face_width` of the face box;
+/// under 10 pixels OpenCV's empty kernel means 3 × 3).
+pub fn inpaint_face_mask(face: &GrayImage, face_width: u32) -> GrayImage {
+    let k = face_width / 10;
+    dilate(&close(face, k, k), k, k)
+}
+
+/// EasyPhoto's second-diffusion mask (`need_mouth_fix`): a ring around the face outline,
+/// `dilate32(face) − erode16(face)`, plus `eyes_lips` (its eyes and lips regions), clipped to 255.
+pub fn contour_mask(face: &GrayImage, eyes_lips: &GrayImage) -> Result<GrayImage, FaceError> {
+    same_size("contour_mask", face.dimensions(), eyes_lips.dimensions())?;
+    let (outer, inner) = (dilate(face, 32, 32), erode(face, 16, 16));
+    Ok(GrayImage::from_fn(face.width(), face.height(), |x, y| {
+        let ring = outer[(x, y)][0] - inner[(x, y)][0];
+        Luma([ring.saturating_add(eyes_lips[(x, y)][0])])
+    }))
 }
 
 /// Pastes `crop` into `dst` with its top-left corner at `(x, y)` (`dst[y:y+h, x:x+w] = crop`), the

@@ -110,6 +110,12 @@ impl BlurSample for f32 {
     }
 }
 
+impl BlurSample for f64 {
+    fn from_sum(sum: f64, area: usize) -> Self {
+        sum * (1.0 / area as f64)
+    }
+}
+
 /// `cv2.blur(src, (kw, kh))`: the mean over a `kw × kh` window, with `BORDER_REFLECT_101`
 /// (`…, 2, 1 | 0, 1, 2, … | n-2, n-3, …`). EasyPhoto feathers masks with it (`(8, 8)` for face
 /// fusion, `(32, 32)` for colour shift and paste-back). Errors if a size is 0.

@@ -4,7 +4,10 @@
 
 mod fixture_io;
 
-use easyphoto_face::fusion::{ClassicalFusion, FaceFusion, FusionParams, fuse_faces, landmark_face_mask};
+use easyphoto_face::fusion::{
+    ClassicalFusion, FaceFusion, FusionParams, FusionRegions, fuse_faces, fusion_blend, landmark_face_mask,
+};
+use easyphoto_face::masks::{contour_mask, inpaint_face_mask};
 use easyphoto_face::{Face, load_rgb};
 use fixture_io::{Fixture, test_path};
 use image::{GrayImage, RgbImage};
@@ -119,5 +122,35 @@ fn classical_fusion_through_the_trait() -> anyhow::Result<()> {
         Box::new(ClassicalFusion { params: FusionParams { ratio: 0.6, ..Default::default() } });
     let out = fusion.fuse(&c.template, &face(c.template_landmarks), &c.user, &face(c.user_landmarks))?;
     assert_eq!(out.as_raw(), fuse(&c, 0.6)?.as_raw());
+    Ok(())
+}
+
+#[test]
+fn easyphoto_fusion_blend_matches_numpy() -> anyhow::Result<()> {
+    let c = case()?;
+    let (fusion_face, fusion_eyes, input_lips) =
+        (gray(&c.fx, "blend.fusion_face")?, gray(&c.fx, "blend.fusion_eyes")?, gray(&c.fx, "blend.input_lips")?);
+    let regions = FusionRegions {
+        fusion_face: &fusion_face,
+        input_face: &c.mask,
+        fusion_eyes: &fusion_eyes,
+        input_lips: &input_lips,
+    };
+    let out = fusion_blend(&rgb(&c.fx, "fused_6")?, &c.template, &regions, 0.6)?;
+    let (count, max) = diff(&out, &rgb(&c.fx, "blend.out")?);
+    eprintln!("fusion_blend: {count} samples differ from numpy, max {max}");
+    // f64 throughout; only the running-sum order of the box blur differs from OpenCV's.
+    assert!(max <= 1 && count <= 10, "{count} samples differ, by up to {max}");
+    Ok(())
+}
+
+#[test]
+fn easyphoto_mask_recipes_match_opencv() -> anyhow::Result<()> {
+    let c = case()?;
+    assert_eq!(inpaint_face_mask(&c.mask, 73).as_raw(), gray(&c.fx, "recipe.inpaint")?.as_raw());
+    let (eyes, lips) = (gray(&c.fx, "blend.fusion_eyes")?, gray(&c.fx, "blend.input_lips")?);
+    let eyes_lips =
+        GrayImage::from_fn(eyes.width(), eyes.height(), |x, y| image::Luma([eyes[(x, y)][0].max(lips[(x, y)][0])]));
+    assert_eq!(contour_mask(&c.mask, &eyes_lips)?.as_raw(), gray(&c.fx, "recipe.contour")?.as_raw());
     Ok(())
 }
