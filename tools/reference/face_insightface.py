@@ -110,7 +110,7 @@ def arcface_model() -> onnx.ModelProto:
     b = (0.1 * g.rng.standard_normal(512)).astype(np.float32)
     g.op("Gemm", [flat, g.const(w), g.const(b)], "683", transB=1)
     inp = helper.make_tensor_value_info("input.1", TensorProto.FLOAT, ["None", 3, 112, 112])
-    out = helper.make_tensor_value_info("683", TensorProto.FLOAT, [1, 512])
+    out = helper.make_tensor_value_info("683", TensorProto.FLOAT, ["None", 512])
     graph = helper.make_graph(g.nodes, "arcface_random", [inp], [out], g.inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
 

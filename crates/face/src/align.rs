@@ -165,22 +165,56 @@ where
         let (row_x, row_y) = ((y * inv[0][1] + inv[0][2]) as f32, (y * inv[1][1] + inv[1][2]) as f32);
         for (x, px) in row.chunks_exact_mut(channels).enumerate() {
             let (sx, sy) = (fma(m00, x as f64, row_x), fma(m10, x as f64, row_y));
-            let (fx, fy) = (sx.floor(), sy.floor());
+            let (fx, fy) = (floor(sx), floor(sy));
             let (ix, iy) = (fx as i64, fy as i64);
             if ix >= src_w || ix + 1 < 0 || iy >= src_h || iy + 1 < 0 {
                 continue; // wholly outside: the border value 0
             }
             let (ax, ay) = (sx - fx, sy - fy);
+            if ix >= 0 && iy >= 0 && ix + 1 < src_w && iy + 1 < src_h {
+                // Fast path: the whole 2×2 neighbourhood is inside.
+                let base = iy as usize * stride + ix as usize * channels;
+                let (top, bottom) =
+                    (&src[base..base + 2 * channels], &src[base + stride..base + stride + 2 * channels]);
+                for (c, value) in px.iter_mut().enumerate() {
+                    let t = lerp(ax, f32::from(top[c]), f32::from(top[channels + c]));
+                    let b = lerp(ax, f32::from(bottom[c]), f32::from(bottom[channels + c]));
+                    *value = to_u8(lerp(ay, t, b));
+                }
+                continue;
+            }
             for (c, value) in px.iter_mut().enumerate() {
                 let top = lerp(ax, sample(ix, iy, c), sample(ix + 1, iy, c));
                 let bottom = lerp(ax, sample(ix, iy + 1, c), sample(ix + 1, iy + 1, c));
-                *value = lerp(ay, top, bottom).round_ties_even().clamp(0.0, 255.0) as u8;
+                *value = to_u8(lerp(ay, top, bottom));
             }
         }
     };
-    if row_len > 0 {
+    if row_len > 0 && out.len() >= PARALLEL_MIN {
         use rayon::prelude::*;
         out.par_chunks_exact_mut(row_len).enumerate().for_each(|(y, row)| fill_row(y, row));
+    } else if row_len > 0 {
+        out.chunks_exact_mut(row_len).enumerate().for_each(|(y, row)| fill_row(y, row));
     }
     ImageBuffer::from_raw(width, height, out).expect("buffer sized width × height × channels")
+}
+
+/// Outputs smaller than this many values are warped on the calling thread (an ArcFace crop is
+/// 37,632).
+const PARALLEL_MIN: usize = 1 << 18;
+
+/// `x.floor()` without a libm call (x86-64's baseline has no rounding instruction).
+#[inline]
+fn floor(x: f32) -> f32 {
+    let t = x as i64 as f32; // truncated toward zero; |x| here is far below 2^63
+    if t > x { t - 1.0 } else { t }
+}
+
+/// Rounds half to even and saturates to 0..=255, as `saturate_cast<uchar>(float)`: adding and
+/// subtracting 2^23 rounds to an integer in the default rounding mode, with no libm call.
+#[inline]
+fn to_u8(v: f32) -> u8 {
+    const MAGIC: f32 = 8_388_608.0;
+    let v = v.clamp(0.0, 255.0);
+    ((v + MAGIC) - MAGIC) as u8
 }

@@ -26,6 +26,9 @@ impl Default for ArcFaceConfig {
     }
 }
 
+/// Crops per model run: larger batches run slower per crop on the CPU.
+pub const BATCH: usize = 8;
+
 /// An ArcFace-style recogniser: input `[N, 3, S, S]`, one output `[N, D]`.
 #[derive(Debug)]
 pub struct ArcFace {
@@ -64,21 +67,40 @@ impl FaceEmbedder for ArcFace {
     }
 
     fn embed_aligned(&self, crop: &RgbImage) -> Result<Vec<f32>, FaceError> {
+        let mut out = self.embed_aligned_batch(std::slice::from_ref(crop))?;
+        Ok(out.remove(0))
+    }
+
+    /// Model runs on batches of up to [`BATCH`] crops (insightface runs them one at a time, with
+    /// the same per-crop results).
+    fn embed_aligned_batch(&self, crops: &[RgbImage]) -> Result<Vec<Vec<f32>>, FaceError> {
+        if crops.len() > BATCH {
+            let mut out = Vec::with_capacity(crops.len());
+            for chunk in crops.chunks(BATCH) {
+                out.extend(self.embed_aligned_batch(chunk)?);
+            }
+            return Ok(out);
+        }
         let s = self.size as usize;
-        if (crop.width() as usize, crop.height() as usize) != (s, s) {
+        if crops.is_empty() {
+            return Ok(Vec::new());
+        }
+        if let Some(bad) = crops.iter().find(|c| c.dimensions() != (self.size, self.size)) {
             return Err(FaceError::BadShape {
                 name: self.input.clone(),
                 expected: vec![1, 3, s as i64, s as i64],
-                found: vec![1, 3, crop.height() as usize, crop.width() as usize],
+                found: vec![1, 3, bad.height() as usize, bad.width() as usize],
             });
         }
         // cv2.dnn.blobFromImages: subtract the mean, then multiply by the f32 scale factor.
         let (mean, scale) = (self.config.input_mean, (1.0 / f64::from(self.config.input_std)) as f32);
-        let raw = crop.as_raw();
-        let blob =
-            Array4::from_shape_fn((1, 3, s, s), |(_, c, y, x)| (f32::from(raw[(y * s + x) * 3 + c]) - mean) * scale);
+        let blob = Array4::from_shape_fn((crops.len(), 3, s, s), |(n, c, y, x)| {
+            (f32::from(crops[n].as_raw()[(y * s + x) * 3 + c]) - mean) * scale
+        });
         let out = self.model.run(&[(self.input.as_str(), Input::from(&blob))])?;
-        let embedding = out.into_values().next().expect("one output, checked at load");
-        Ok(l2_normalize(embedding.into_iter().collect()))
+        let embeddings = out.into_values().next().expect("one output, checked at load");
+        let dim = embeddings.len() / crops.len();
+        let flat: Vec<f32> = embeddings.into_iter().collect();
+        Ok(flat.chunks_exact(dim).map(|e| l2_normalize(e.to_vec())).collect())
     }
 }

@@ -56,6 +56,19 @@ pub trait FaceEmbedder {
     fn embed(&self, img: &RgbImage, face: &Face) -> Result<Vec<f32>, FaceError> {
         self.embed_aligned(&norm_crop(img, &face.landmarks, self.input_size())?)
     }
+
+    /// The embeddings of several aligned crops; one model run per crop unless an implementation
+    /// batches them.
+    fn embed_aligned_batch(&self, crops: &[RgbImage]) -> Result<Vec<Vec<f32>>, FaceError> {
+        crops.iter().map(|crop| self.embed_aligned(crop)).collect()
+    }
+
+    /// Aligns and embeds every face of `img` (see [`embed_aligned_batch`](Self::embed_aligned_batch)).
+    fn embed_all(&self, img: &RgbImage, faces: &[Face]) -> Result<Vec<Vec<f32>>, FaceError> {
+        let size = self.input_size();
+        let crops = faces.iter().map(|f| norm_crop(img, &f.landmarks, size)).collect::<Result<Vec<_>, _>>()?;
+        self.embed_aligned_batch(&crops)
+    }
 }
 
 /// Scales `v` to unit length (a zero vector stays zero).

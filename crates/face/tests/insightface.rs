@@ -67,12 +67,18 @@ fn arcface_matches_insightface() -> anyhow::Result<()> {
         let img = photo(file)?;
         let expected = fx.f32s(&format!("{key}.embeddings"))?;
         let lmks = align.f32s(&format!("{key}.landmarks"))?;
-        for (i, l) in lmks.chunks_exact(10).enumerate() {
-            let face =
-                Face { bbox: [0.0; 4], score: 1.0, landmarks: std::array::from_fn(|p| [l[2 * p], l[2 * p + 1]]) };
-            let emb = arcface.embed(&img, &face)?;
+        let faces: Vec<Face> = lmks
+            .chunks_exact(10)
+            .map(|l| Face { bbox: [0.0; 4], score: 1.0, landmarks: std::array::from_fn(|p| [l[2 * p], l[2 * p + 1]]) })
+            .collect();
+        // One batched run for all faces, and the single-crop path for the first.
+        let batched = arcface.embed_all(&img, &faces)?;
+        assert_eq!(batched.len(), faces.len());
+        let single = arcface.embed(&img, &faces[0])?;
+        assert!(reference::max_abs_diff(&single, &batched[0]) <= 1e-6, "{key}: batched and single runs differ");
+        for (i, emb) in batched.iter().enumerate() {
             assert_eq!(emb.len(), 512);
-            let err = reference::max_abs_diff(&emb, &expected[i * 512..(i + 1) * 512]);
+            let err = reference::max_abs_diff(emb, &expected[i * 512..(i + 1) * 512]);
             worst = worst.max(err);
             assert!(err <= 1e-4, "{key} face {i}: embedding differs by {err}");
         }
