@@ -10,6 +10,8 @@
 //! * [`scrfd`], [`arcface`]: insightface's detector and recogniser ONNX models (user-supplied).
 //! * [`faceres`]: a real 1024-d identity embedder (Human's faceres ONNX, user-supplied path).
 //! * [`segment`]: the [`Segmenter`] trait, U²-Net (rembg's processing) and the embedded selfie model.
+//! * [`blazeface`], [`facemesh`]: MediaPipe's detector and 468-point mesh, and region masks (skin,
+//!   eyes, brows, lips, face oval) behind the [`FaceParser`] trait.
 //! * [`resample`]: `cv2.resize`-exact `INTER_LINEAR` / `INTER_AREA` for the detectors' inputs.
 //! * [`geometry`]: EasyPhoto's box rules (expansion by a ratio, left-to-right order, roll score,
 //!   training box) and PIL-style crops.
@@ -22,10 +24,12 @@
 
 pub mod align;
 pub mod arcface;
+pub mod blazeface;
 pub mod color;
 pub mod detector;
 pub mod error;
 pub mod faceres;
+pub mod facemesh;
 pub mod fusion;
 pub mod geometry;
 pub mod masks;
@@ -42,7 +46,9 @@ pub use align::{ARCFACE_TEMPLATE, Affine, Similarity, estimate_norm, norm_crop, 
 pub use arcface::{ArcFace, ArcFaceConfig};
 pub use detector::{Face, FaceDetector, FaceEmbedder, cosine_similarity, l2_normalize};
 pub use error::FaceError;
+pub use blazeface::{BlazeDetection, BlazeFace};
 pub use faceres::FaceRes;
+pub use facemesh::{FaceMesh, FaceParser, FaceRegions, Mesh};
 pub use mtcnn::{Mtcnn, MtcnnConfig};
 pub use preprocess::{DecodeLimits, decode_rgb, load_rgb, load_rgb_with, to_nchw_signed};
 pub use runtime::{Input, OnnxModel, environment};
