@@ -5,7 +5,7 @@ Writes `crates/face/tests/assets/u2net_random.onnx`, a seeded random model with 
 signature (input `input.1` [1, 3, 320, 320]; seven sigmoid outputs [1, 1, 320, 320], the first
 being the saliency map), runs rembg 2.0.86's `U2netSession.predict` with it (PIL LANCZOS to 320²,
 `/ max`, ImageNet mean/std, min-max normalisation, `uint8` truncation, LANCZOS back) on
-astronaut.png and faceapi_sample1_640.png, and stores the masks, plus PIL LANCZOS resizes of
+astronaut.png and faceapi_sample1_640.png, and stores the masks, plus PIL LANCZOS and BILINEAR resizes of
 astronaut.png (RGB and L, reduction and enlargement), in `tests/fixtures/segment.safetensors`.
 
     .venv-ref/bin/python tools/reference/face_segment.py
@@ -87,6 +87,8 @@ def main() -> None:
     out["pil.lanczos_rgb_320"] = np.asarray(astro.resize((320, 320), Image.Resampling.LANCZOS))
     crop = astro.crop((150, 100, 250, 180))  # 100 x 80
     out["pil.lanczos_rgb_up_170x130"] = np.asarray(crop.resize((170, 130), Image.Resampling.LANCZOS))
+    out["pil.bilinear_rgb_up_170x130"] = np.asarray(crop.resize((170, 130), Image.Resampling.BILINEAR))
+    out["pil.bilinear_rgb_200x150"] = np.asarray(astro.resize((200, 150), Image.Resampling.BILINEAR))
     out["pil.lanczos_l_97x131"] = np.asarray(astro.convert("L").resize((97, 131), Image.Resampling.LANCZOS))
     save_file({k: np.ascontiguousarray(v) for k, v in sorted(out.items())}, str(OUT))
     for k, v in sorted(out.items()):

@@ -20,11 +20,13 @@ fn pil_luma(img: &RgbImage) -> Vec<u8> {
 }
 
 #[test]
-fn pil_lanczos_matches_pillow() -> anyhow::Result<()> {
+fn pil_resizes_match_pillow() -> anyhow::Result<()> {
     let fx = Fixture::open("segment.safetensors")?;
     let img = photo("astronaut.png")?;
     let crop = image::imageops::crop_imm(&img, 150, 100, 100, 80).to_image();
-    let cases: [(&str, Vec<u8>); 3] = [
+    let cases: [(&str, Vec<u8>); 5] = [
+        ("pil.bilinear_rgb_up_170x130", resize_pil_u8(crop.as_raw(), (100, 80), 3, (170, 130), PilFilter::Bilinear)),
+        ("pil.bilinear_rgb_200x150", resize_pil_u8(img.as_raw(), (512, 512), 3, (200, 150), PilFilter::Bilinear)),
         ("pil.lanczos_rgb_320", resize_pil_u8(img.as_raw(), (512, 512), 3, (320, 320), PilFilter::Lanczos)),
         ("pil.lanczos_rgb_up_170x130", resize_pil_u8(crop.as_raw(), (100, 80), 3, (170, 130), PilFilter::Lanczos)),
         ("pil.lanczos_l_97x131", resize_pil_u8(&pil_luma(&img), (512, 512), 1, (97, 131), PilFilter::Lanczos)),
