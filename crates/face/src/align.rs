@@ -143,28 +143,75 @@ where
 {
     let inv = invert_affine(m);
     let channels = usize::from(P::CHANNEL_COUNT);
-    let (src_w, src_h) = (i64::from(img.width()), i64::from(img.height()));
-    let src = img.as_raw();
-    let stride = src_w as usize * channels;
-    let (m00, m10) = (f64::from(inv[0][0] as f32), f64::from(inv[1][0] as f32));
-    // One rounding, as a fused multiply-add: the f64 product of two f32 values is exact.
-    let fma = |a: f64, x: f64, c: f32| (a * x + f64::from(c)) as f32;
-    let lerp = |t: f32, a: f32, b: f32| (f64::from(t) * f64::from(b - a) + f64::from(a)) as f32;
-    let sample = |x: i64, y: i64, c: usize| -> f32 {
-        if x >= 0 && y >= 0 && x < src_w && y < src_h {
-            f32::from(src[y as usize * stride + x as usize * channels + c])
-        } else {
-            0.0
-        }
+    let kernel = Warp {
+        src: img.as_raw(),
+        src_w: i64::from(img.width()),
+        src_h: i64::from(img.height()),
+        channels,
+        m00: inv[0][0] as f32,
+        m10: inv[1][0] as f32,
+        inv,
     };
-
     let row_len = width as usize * channels;
     let mut out = vec![0u8; row_len * height as usize];
-    let fill_row = |y: usize, row: &mut [u8]| {
+    let fill_row = |y: usize, row: &mut [u8]| kernel.row(y, row);
+    if row_len > 0 && out.len() >= PARALLEL_MIN {
+        use rayon::prelude::*;
+        out.par_chunks_exact_mut(row_len).enumerate().for_each(|(y, row)| fill_row(y, row));
+    } else if row_len > 0 {
+        out.chunks_exact_mut(row_len).enumerate().for_each(|(y, row)| fill_row(y, row));
+    }
+    ImageBuffer::from_raw(width, height, out).expect("buffer sized width × height × channels")
+}
+
+/// The per-row state of [`warp_affine`].
+struct Warp<'a> {
+    src: &'a [u8],
+    src_w: i64,
+    src_h: i64,
+    channels: usize,
+    /// The inverse (destination → source) matrix.
+    inv: Affine,
+    m00: f32,
+    m10: f32,
+}
+
+impl Warp<'_> {
+    /// Fills destination row `y`, with hardware fused multiply-adds where the CPU has them.
+    fn row(&self, y: usize, row: &mut [u8]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports FMA, the only feature `row_fma` enables.
+            return unsafe { self.row_fma(y, row) };
+        }
+        self.row_with(y, row, |a, x, c| (f64::from(a) * f64::from(x) + f64::from(c)) as f32);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "fma")]
+    fn row_fma(&self, y: usize, row: &mut [u8]) {
+        self.row_with(y, row, f32::mul_add);
+    }
+
+    /// The row kernel; `fma(a, x, c)` is `a·x + c` rounded once (the f64 product of two f32 is
+    /// exact, so the portable version rounds once too, barring double rounding).
+    #[inline(always)]
+    fn row_with(&self, y: usize, row: &mut [u8], fma: impl Fn(f32, f32, f32) -> f32) {
+        let (src, src_w, src_h, channels) = (self.src, self.src_w, self.src_h, self.channels);
+        let stride = src_w as usize * channels;
+        let lerp = |t: f32, a: f32, b: f32| fma(t, b - a, a);
+        let sample = |x: i64, y: i64, c: usize| -> f32 {
+            if x >= 0 && y >= 0 && x < src_w && y < src_h {
+                f32::from(src[y as usize * stride + x as usize * channels + c])
+            } else {
+                0.0
+            }
+        };
         let y = y as f64;
+        let inv = &self.inv;
         let (row_x, row_y) = ((y * inv[0][1] + inv[0][2]) as f32, (y * inv[1][1] + inv[1][2]) as f32);
         for (x, px) in row.chunks_exact_mut(channels).enumerate() {
-            let (sx, sy) = (fma(m00, x as f64, row_x), fma(m10, x as f64, row_y));
+            let (sx, sy) = (fma(self.m00, x as f32, row_x), fma(self.m10, x as f32, row_y));
             let (fx, fy) = (floor(sx), floor(sy));
             let (ix, iy) = (fx as i64, fy as i64);
             if ix >= src_w || ix + 1 < 0 || iy >= src_h || iy + 1 < 0 {
@@ -189,14 +236,7 @@ where
                 *value = to_u8(lerp(ay, top, bottom));
             }
         }
-    };
-    if row_len > 0 && out.len() >= PARALLEL_MIN {
-        use rayon::prelude::*;
-        out.par_chunks_exact_mut(row_len).enumerate().for_each(|(y, row)| fill_row(y, row));
-    } else if row_len > 0 {
-        out.chunks_exact_mut(row_len).enumerate().for_each(|(y, row)| fill_row(y, row));
     }
-    ImageBuffer::from_raw(width, height, out).expect("buffer sized width × height × channels")
 }
 
 /// Outputs smaller than this many values are warped on the calling thread (an ArcFace crop is
