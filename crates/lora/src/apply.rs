@@ -257,11 +257,7 @@ pub fn merge(targets: &mut Targets, loras: &[(&KohyaLora, f64)]) -> Result<(Merg
                 LayerMut::Linear(l) => l.weight().clone(),
                 LayerMut::Conv2d(c) => c.weight().clone(),
             };
-            let mut sum = weight.to_dtype(DType::F32)?;
-            for p in parts {
-                sum = (sum + scaled_product(&p.down, &p.up, p.scale)?)?;
-            }
-            let sum = sum.to_dtype(weight.dtype())?;
+            let sum = merged_weight(&weight, parts)?;
             match layer {
                 LayerMut::Linear(l) => l.set_weight(sum)?,
                 LayerMut::Conv2d(c) => c.set_weight(sum)?,
@@ -280,6 +276,55 @@ pub fn merge(targets: &mut Targets, loras: &[(&KohyaLora, f64)]) -> Result<(Merg
             Err(e)
         }
     }
+}
+
+/// `weight + Σ scale · up·down`, accumulated in f32 and returned in the weight's dtype. On the
+/// CPU the products are accumulated in place by one `gemm` call each (no delta is allocated).
+fn merged_weight(weight: &Tensor, parts: &[Part]) -> Result<Tensor, LoraError> {
+    if !weight.device().is_cpu() {
+        let mut sum = weight.to_dtype(DType::F32)?;
+        for p in parts {
+            sum = (sum + scaled_product(&p.down, &p.up, p.scale)?)?;
+        }
+        return Ok(sum.to_dtype(weight.dtype())?);
+    }
+    let out = weight.dim(0)?;
+    let inner = weight.elem_count() / out.max(1);
+    let mut w: Vec<f32> = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    for p in parts {
+        let r = p.down.dim(0)?;
+        let up: Vec<f32> = p.up.to_dtype(DType::F32)?.affine(p.scale, 0.0)?.flatten_all()?.to_vec1()?;
+        let down: Vec<f32> = p.down.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        if up.len() != out * r || down.len() != r * inner {
+            return Err(LoraError::Layout { down: p.down.dims().to_vec(), up: p.up.dims().to_vec() });
+        }
+        // SAFETY: `w` is `out × inner`, `up` is `out × r` and `down` is `r × inner`, all
+        // row-major and checked above; `w` is a fresh buffer that aliases neither input.
+        unsafe {
+            gemm::gemm(
+                out,
+                inner,
+                r,
+                w.as_mut_ptr(),
+                1,
+                inner as isize,
+                true,
+                up.as_ptr(),
+                1,
+                r as isize,
+                down.as_ptr(),
+                1,
+                inner as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(rayon::current_num_threads()),
+            )
+        };
+    }
+    Ok(Tensor::from_vec(w, weight.dims(), weight.device())?.to_dtype(weight.dtype())?)
 }
 
 /// Attaches `loras` (each with its multiplier) to `targets` as run-time [`LoraAdapter`]s, in the

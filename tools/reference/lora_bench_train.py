@@ -1,0 +1,76 @@
+"""PyTorch + peft side of `cargo bench -p easyphoto-lora --bench train_step`: one LoRA training
+step (forward + backward + clip_grad_norm_ + AdamW) at batch 1 on the mid-size UNet of
+crates/lora/benches/mid_unet.json, EasyPhoto's rank 128 / alpha 64 on every Linear/Conv2d of the
+transformer blocks, random weights, float32; one warm-up step, median of the timed steps, peak RSS.
+
+  OMP_NUM_THREADS=2 .venv-ref/bin/python tools/reference/lora_bench_train.py --threads 2 --runs 5
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from peft import LoraConfig, inject_adapter_in_model
+
+CONFIG = Path(__file__).resolve().parents[2] / "crates" / "lora" / "benches" / "mid_unet.json"
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(json.loads(CONFIG.read_text()))
+    weights = peak_rss_mib()
+    unet.requires_grad_(False)
+    targets = sorted(
+        n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and ".attentions." in n
+    )
+    inject_adapter_in_model(LoraConfig(r=128, lora_alpha=64, target_modules=targets), unet)
+    params = [p for n, p in unet.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
+    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    latents, noise = torch.randn(1, 4, 32, 32), torch.randn(1, 4, 32, 32)
+    hidden, t = torch.randn(1, 77, 768), torch.tensor([500])
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        pred = unet(sched.add_noise(latents, noise, t), t, hidden).sample
+        F.mse_loss(pred.float(), noise.float(), reduction="mean").backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+
+    step()
+    times = []
+    for _ in range(args.runs):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    print(json.dumps({
+        "bench": "lora_train_step_mid_unet_b1",
+        "impl": f"torch {torch.__version__} + peft",
+        "modules": len(targets),
+        "threads": torch.get_num_threads(),
+        "median_s": round(statistics.median(times), 3),
+        "times_s": [round(x, 3) for x in times],
+        "peak_rss_mib": round(peak_rss_mib()),
+        "weights_mib": round(weights),
+    }))
+
+
+if __name__ == "__main__":
+    main()
