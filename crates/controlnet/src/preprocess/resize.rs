@@ -219,16 +219,25 @@ fn separable(src: &Plane, dw: usize, dh: usize, kernel: Kernel) -> Vec<u8> {
     // Source columns of every (dst x, tap), replicated at the borders.
     let columns: Vec<usize> =
         x_first.iter().flat_map(|&first| (0..taps).map(move |k| clamp(first + k as isize, src.width))).collect();
+    // Only the source rows some destination row reads.
+    let mut needed = vec![false; src.height];
+    for &first in &y_first {
+        for k in 0..taps {
+            needed[clamp(first + k as isize, src.height)] = true;
+        }
+    }
     let horizontal: Vec<Vec<i32>> = (0..src.height)
         .map(|y| {
+            if !needed[y] {
+                return Vec::new();
+            }
             let row = src.row(y);
             let mut out = vec![0i32; dw * cn];
-            for dx in 0..dw {
-                let cols = &columns[dx * taps..(dx + 1) * taps];
-                let w = &alpha[dx * taps..(dx + 1) * taps];
-                for c in 0..cn {
-                    out[dx * cn + c] = cols.iter().zip(w).map(|(&sx, &a)| i32::from(row[sx * cn + c]) * a).sum();
-                }
+            match cn {
+                1 => filter_row::<1>(row, &columns, &alpha, taps, &mut out),
+                3 => filter_row::<3>(row, &columns, &alpha, taps, &mut out),
+                4 => filter_row::<4>(row, &columns, &alpha, taps, &mut out),
+                _ => filter_row_any(row, cn, &columns, &alpha, taps, &mut out),
             }
             out
         })
@@ -245,6 +254,30 @@ fn separable(src: &Plane, dw: usize, dh: usize, kernel: Kernel) -> Vec<u8> {
         out.extend(acc.into_iter().map(|v| (v >> 22).clamp(0, 255) as u8));
     }
     out
+}
+
+/// One row of the horizontal pass for `CN` interleaved channels (a constant, so the channel loop
+/// unrolls).
+fn filter_row<const CN: usize>(row: &[u8], columns: &[usize], alpha: &[i32], taps: usize, out: &mut [i32]) {
+    for ((px, cols), w) in out.chunks_exact_mut(CN).zip(columns.chunks_exact(taps)).zip(alpha.chunks_exact(taps)) {
+        let mut acc = [0i32; CN];
+        for (&sx, &a) in cols.iter().zip(w) {
+            let src: &[u8; CN] = row[sx * CN..sx * CN + CN].try_into().expect("CN bytes");
+            for c in 0..CN {
+                acc[c] += i32::from(src[c]) * a;
+            }
+        }
+        px.copy_from_slice(&acc);
+    }
+}
+
+/// [`filter_row`] for any channel count.
+fn filter_row_any(row: &[u8], cn: usize, columns: &[usize], alpha: &[i32], taps: usize, out: &mut [i32]) {
+    for ((px, cols), w) in out.chunks_exact_mut(cn).zip(columns.chunks_exact(taps)).zip(alpha.chunks_exact(taps)) {
+        for (&sx, &a) in cols.iter().zip(w) {
+            px.iter_mut().zip(&row[sx * cn..(sx + 1) * cn]).for_each(|(o, &v)| *o += i32::from(v) * a);
+        }
+    }
 }
 
 /// One contribution of a source index to a destination index (OpenCV's `DecimateAlpha`).

@@ -56,9 +56,14 @@ pub struct MoveNet {
 impl MoveNet {
     /// Loads `human_movenet-lightning.onnx` (or a model with the same input and output).
     pub fn load(path: impl AsRef<Path>) -> Result<Self, PreprocessError> {
+        Self::load_in(path, &environment()?)
+    }
+
+    /// [`load`](Self::load) on an ONNX Runtime environment made elsewhere (a process can hold only
+    /// one, e.g. the face crate's).
+    pub fn load_in(path: impl AsRef<Path>, env: &Environment) -> Result<Self, PreprocessError> {
         let path = path.as_ref();
-        let env = environment()?;
-        let session = Session::builder(&env)
+        let session = Session::builder(env)
             .and_then(|mut builder| builder.commit_from_file(path))
             .map_err(|source| PreprocessError::ModelLoad { path: path.to_path_buf(), source })?;
         Ok(Self { session: Mutex::new(session) })
