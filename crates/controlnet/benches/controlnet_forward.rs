@@ -14,6 +14,15 @@ use easyphoto_controlnet::{ControlNetConfig, ControlNetModel};
 use easyphoto_diffusion::UNetConditioning;
 use easyphoto_diffusion::weights::random_var_builder;
 
+/// CPU time (user + system) this process has used, in seconds (Linux `/proc/self/stat`, at the
+/// usual 100 ticks per second). Less sensitive than wall time to other processes on a shared machine.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 fn main() -> anyhow::Result<()> {
     // `cargo bench` passes `--bench`; the first number on the command line is the run count.
     let runs = std::env::args().skip(1).find_map(|a| a.parse::<usize>().ok()).unwrap_or(3);
@@ -29,19 +38,26 @@ fn main() -> anyhow::Result<()> {
     let cond = UNetConditioning::default();
     let run = || model.forward(&sample, &t, &context, &image, &cond);
     run()?;
-    let mut times = vec![];
+    let (mut times, mut cpu) = (vec![], vec![]);
     for _ in 0..runs {
-        let start = Instant::now();
+        let (start, cpu_start) = (Instant::now(), cpu_seconds());
         run()?;
         times.push(start.elapsed().as_secs_f64());
+        cpu.push(cpu_seconds() - cpu_start);
     }
-    let mut sorted = times.clone();
-    sorted.sort_by(f64::total_cmp);
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let round = |v: &[f64]| v.iter().map(|t| (t * 1000.0).round() / 1000.0).collect::<Vec<_>>();
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into());
     println!(
-        "{{\"impl\": \"easyphoto-rs\", \"model\": \"controlnet-sd15\", \"threads\": \"{threads}\", \"median_s\": {:.3}, \"times_s\": {:?}}}",
-        sorted[sorted.len() / 2],
-        times.iter().map(|t| (t * 1000.0).round() / 1000.0).collect::<Vec<_>>()
+        "{{\"impl\": \"easyphoto-rs\", \"model\": \"controlnet-sd15\", \"threads\": \"{threads}\", \"median_s\": {:.3}, \"times_s\": {:?}, \"median_cpu_s\": {:.2}, \"cpu_s\": {:?}}}",
+        median(&times),
+        round(&times),
+        median(&cpu),
+        round(&cpu)
     );
     Ok(())
 }
