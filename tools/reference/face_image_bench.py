@@ -1,10 +1,12 @@
 """OpenCV/numpy side of `cargo bench -p easyphoto-face --bench color_transfer`: the same 1024²
-inputs (astronaut.png doubled by pixel repetition; reference = channels rotated G, B, R), one
-OpenCV thread, median of 20 runs after 3 warm-ups.
+inputs (astronaut.png doubled by pixel repetition; reference = channels rotated G, B, R), median
+of 20 runs after 3 warm-ups, with N OpenCV threads (default 1; the Rust side takes
+RAYON_NUM_THREADS).
 
-    .venv-ref/bin/python tools/reference/face_image_bench.py
+    (cd tools/reference && ../../.venv-ref/bin/python face_image_bench.py [N])
 """
 
+import sys
 import time
 from pathlib import Path
 
@@ -29,7 +31,7 @@ def median_ms(fn, runs=20, warmup=3):
 
 
 def main():
-    cv2.setNumThreads(1)
+    cv2.setNumThreads(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
     photo = np.array(Image.open(ROOT / "crates/face/tests/assets/astronaut.png").convert("RGB"))
     src = np.ascontiguousarray(np.repeat(np.repeat(photo, 2, 0), 2, 1))
     ref = np.ascontiguousarray(src[:, :, [1, 2, 0]])

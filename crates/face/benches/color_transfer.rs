@@ -1,11 +1,11 @@
-//! Colour transfer on 1024² (EasyPhoto's colour shift without the mask), single-threaded, and its
-//! parts. The input is `tests/assets/astronaut.png` doubled by pixel repetition; the reference is
-//! the same with its channels rotated (G, B, R). The OpenCV/numpy side, same inputs and one thread:
+//! Colour transfer on 1024² (EasyPhoto's colour shift without the mask) and its parts. The input
+//! is `tests/assets/astronaut.png` doubled by pixel repetition; the reference is the same with its
+//! channels rotated (G, B, R). The OpenCV/numpy side, same inputs and thread count:
 //! `tools/reference/face_image_bench.py`.
 //!
 //! ```sh
-//! cargo bench -p easyphoto-face --bench color_transfer
-//! .venv-ref/bin/python tools/reference/face_image_bench.py
+//! RAYON_NUM_THREADS=1 cargo bench -p easyphoto-face --bench color_transfer
+//! (cd tools/reference && ../../.venv-ref/bin/python face_image_bench.py 1)
 //! ```
 
 use std::hint::black_box;

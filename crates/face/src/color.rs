@@ -4,11 +4,13 @@
 //! OpenCV converts 8-bit images with integer arithmetic and lookup tables (sRGB gamma, a cube-root
 //! table, an L → Y table, an a/b → X/Z table); the tables here are built with the same constants,
 //! operation order and f32/f64 precision as its `createLabTabs`, so results are identical, not
-//! just close. 8-bit L\*a\*b\* stores `L·255/100`, `a + 128`, `b + 128`.
+//! just close. 8-bit L\*a\*b\* stores `L·255/100`, `a + 128`, `b + 128`. Pixels are converted in
+//! parallel on rayon's pool (`RAYON_NUM_THREADS`).
 
 use std::sync::OnceLock;
 
 use image::RgbImage;
+use rayon::prelude::*;
 
 use crate::FaceError;
 use crate::morphology::Plane;
@@ -53,9 +55,9 @@ const MIN_AB: i32 = -8145;
 const RGB_SHIFT: u32 = 14;
 
 struct Tables {
-    gamma: [i32; 256],
+    /// `xyz[k][channel][v] = gamma(v) · coefficient`: row k (X, Y, Z) of the sRGB → XYZ product.
+    xyz: [[[i32; 256]; 3]; 3],
     cbrt: Vec<i32>,
-    to_lab: [i32; 9],
     inv_gamma: Vec<u8>,
     l_to_y_fy: [(i32, i32); 256],
     ab_to_xz: Vec<i32>,
@@ -121,7 +123,7 @@ fn round_f32(x: f32) -> i32 {
 fn tables() -> &'static Tables {
     static TABLES: OnceLock<Tables> = OnceLock::new();
     TABLES.get_or_init(|| {
-        let gamma = std::array::from_fn(|i| round_f32(2040.0f32 * apply_gamma(i as f32 / 255.0f32)));
+        let gamma: [i32; 256] = std::array::from_fn(|i| round_f32(2040.0f32 * apply_gamma(i as f32 / 255.0f32)));
 
         let (lthresh, lscale, lbias) = (216.0f32 / 24389.0, 841.0f32 / 108.0, 16.0f32 / 116.0);
         let cb_scale = 1.0f32 / 2040.0;
@@ -134,7 +136,7 @@ fn tables() -> &'static Tables {
             .collect();
 
         let lshift = f64::from(1u32 << XYZ_SHIFT);
-        let to_lab = std::array::from_fn(|k| {
+        let to_lab: [i32; 9] = std::array::from_fn(|k| {
             let (i, j) = (k / 3, k % 3);
             (lshift * f(RGB_TO_XYZ[i * 3 + j]) / f(D65[i])).round_ties_even() as i32
         });
@@ -173,7 +175,9 @@ fn tables() -> &'static Tables {
             })
             .collect();
 
-        Tables { gamma, cbrt, to_lab, inv_gamma, l_to_y_fy, ab_to_xz, to_rgb }
+        let xyz =
+            std::array::from_fn(|k| std::array::from_fn(|ch| std::array::from_fn(|v| gamma[v] * to_lab[k * 3 + ch])));
+        Tables { xyz, cbrt, inv_gamma, l_to_y_fy, ab_to_xz, to_rgb }
     })
 }
 
@@ -184,19 +188,34 @@ fn descale(x: i32, n: u32) -> i32 {
 /// `cv2.cvtColor(img, cv2.COLOR_RGB2LAB)` on an 8-bit RGB image, bit-exact.
 pub fn rgb_to_lab(img: &RgbImage) -> LabImage {
     let t = tables();
-    let c = &t.to_lab;
     let (l_scale, l_shift) = ((116 * 255 + 50) / 100, -((16 * 255 * (1 << LAB_SHIFT2) + 50) / 100));
     let mut out = img.clone();
-    for px in out.pixels_mut() {
-        let [r, g, b] = px.0.map(|v| t.gamma[usize::from(v)]);
-        let cube = |k: usize| t.cbrt[descale(r * c[k] + g * c[k + 1] + b * c[k + 2], XYZ_SHIFT) as usize];
-        let (fx, fy, fz) = (cube(0), cube(3), cube(6));
+    for_each_pixel(&mut out, |px| {
+        let [r, g, b] = px.map(usize::from);
+        let cube = |k: usize| {
+            let row = &t.xyz[k];
+            t.cbrt[descale(row[0][r] + row[1][g] + row[2][b], XYZ_SHIFT) as usize]
+        };
+        let (fx, fy, fz) = (cube(0), cube(1), cube(2));
         let l = descale(l_scale * fy + l_shift, LAB_SHIFT2);
         let a = descale(500 * (fx - fy) + (128 << LAB_SHIFT2), LAB_SHIFT2);
         let bb = descale(200 * (fy - fz) + (128 << LAB_SHIFT2), LAB_SHIFT2);
-        px.0 = [l, a, bb].map(|v| v.clamp(0, 255) as u8);
-    }
+        *px = [l, a, bb].map(|v| v.clamp(0, 255) as u8);
+    });
     out
+}
+
+/// Applies `f` to every RGB triple of `img`, rows in parallel (rayon).
+fn for_each_pixel(img: &mut RgbImage, f: impl Fn(&mut [u8; 3]) + Sync) {
+    let row = img.width() as usize * 3;
+    if row == 0 {
+        return;
+    }
+    img.par_chunks_mut(row * 8).for_each(|rows| {
+        for px in rows.chunks_exact_mut(3) {
+            f(px.try_into().expect("chunks of 3"));
+        }
+    });
 }
 
 /// `cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)` on an 8-bit L\*a\*b\* image, bit-exact.
@@ -204,18 +223,18 @@ pub fn lab_to_rgb(lab: &LabImage) -> RgbImage {
     let t = tables();
     let c = &t.to_rgb;
     let mut out = lab.clone();
-    for px in out.pixels_mut() {
-        let [l, a, b] = px.0.map(i32::from);
+    for_each_pixel(&mut out, |px| {
+        let [l, a, b] = px.map(i32::from);
         let (y, fy) = t.l_to_y_fy[l as usize];
         let adiv = ((5 * a * 53687 + (1 << 7)) >> 13) - 128 * LUT_BASE / 500;
         let bdiv = ((b * 41943 + (1 << 4)) >> 9) - 128 * LUT_BASE / 200 + 1;
         let x = t.ab_to_xz[(fy + adiv - MIN_AB) as usize];
         let z = t.ab_to_xz[(fy - bdiv - MIN_AB) as usize];
-        px.0 = std::array::from_fn(|ch| {
-            let v = descale(c[ch * 3] * x + c[ch * 3 + 1] * y + c[ch * 3 + 2] * z, RGB_SHIFT);
-            t.inv_gamma[v.clamp(0, INV_GAMMA_TAB_SIZE as i32 - 1) as usize]
-        });
-    }
+        for (ch, v) in px.iter_mut().enumerate() {
+            let linear = descale(c[ch * 3] * x + c[ch * 3 + 1] * y + c[ch * 3 + 2] * z, RGB_SHIFT);
+            *v = t.inv_gamma[linear.clamp(0, INV_GAMMA_TAB_SIZE as i32 - 1) as usize];
+        }
+    });
     out
 }
 
@@ -262,9 +281,7 @@ pub fn color_transfer(src: &RgbImage, reference: &RgbImage) -> Result<RgbImage, 
         })
     });
     let mut out = lab;
-    for px in out.pixels_mut() {
-        px.0 = [lut[0][usize::from(px.0[0])], lut[1][usize::from(px.0[1])], lut[2][usize::from(px.0[2])]];
-    }
+    for_each_pixel(&mut out, |px| px.iter_mut().zip(&lut).for_each(|(v, lut)| *v = lut[usize::from(*v)]));
     Ok(lab_to_rgb(&out))
 }
 
