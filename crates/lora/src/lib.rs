@@ -7,7 +7,7 @@
 //! - [`peft_file`]: diffusers/peft LoRAs (`lora_A`/`lora_B`, alphas in metadata or config).
 //! - [`naming`]: kohya module names (`lora_unet_...`) to and from real module paths.
 //! - [`family`]: which base family (SD1/SD2/SDXL) a LoRA and a model are.
-//! - [`merge`]: the merge math `W + m · alpha/rank · up·down`.
+//! - [`mod@merge`]: the merge math `W + m · alpha/rank · up·down`.
 //! - [`adapter`]: the run-time LoRA branch attached through the diffusion crate's `Adapter`.
 //! - [`apply`]: several LoRAs at once, merged or attached, with a report of unmatched keys.
 //! - [`fuse`]: averaging checkpoints: EasyPhoto's element-wise mean, and the delta mean by SVD.

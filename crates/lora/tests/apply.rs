@@ -255,6 +255,18 @@ fn written_kohya_and_peft_files_round_trip() {
     let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert!(names.iter().all(|n| !n.to_string_lossy().contains(".tmp-")), "{names:?}");
 
+    // bf16 files read back within bf16 rounding.
+    let bf16 = dir.join("sd15_written_kohya_bf16.safetensors");
+    a.save(&bf16, DType::BF16).unwrap();
+    let back = load_lora(&bf16, &Device::Cpu).unwrap();
+    for (name, module) in a.modules() {
+        let got = back.get(name).unwrap();
+        assert_eq!(got.down.dtype(), DType::BF16);
+        let scale =
+            module.down.abs().unwrap().max_all().unwrap().to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap();
+        assert!(max_abs(&got.down, &module.down) <= scale / 128.0, "{name}");
+    }
+
     for (path, format) in [(&kohya, "kohya"), (&peft, "peft")] {
         let back = load_lora(path, &Device::Cpu).unwrap();
         assert_eq!(back.len(), a.len(), "{format}");

@@ -358,3 +358,23 @@ fn sdxl_config_trains_one_step_on_a_tiny_sdxl_unet() {
     assert!((max - 1e-4).abs() < 1e-5, "{max}");
     assert_eq!(net.modules()[0].down.dims()[0], 32);
 }
+
+#[test]
+fn truncated_train_state_is_a_typed_error_naming_the_file() {
+    let config = TrainConfig { max_train_steps: Some(2), ..tiny_config() };
+    let dir = common::temp_dir("train_truncated_state");
+    run(&dir, &config, Callbacks::default()).unwrap();
+    let state = dir.join(easyphoto_lora::trainer::STATE_FILE);
+    let bytes = std::fs::read(&state).unwrap();
+    std::fs::write(&state, &bytes[..bytes.len() / 2]).unwrap();
+    let config = TrainConfig { max_train_steps: Some(4), ..config };
+    let err = run(&dir, &config, Callbacks::default()).unwrap_err();
+    assert!(matches!(err, LoraError::NotSafetensors { .. }), "{err}");
+    assert!(err.to_string().contains("train_state.safetensors"), "{err}");
+    // A state saved with another seed is refused rather than silently mixed.
+    let dir = common::temp_dir("train_other_seed");
+    run(&dir, &config, Callbacks::default()).unwrap();
+    let err =
+        run(&dir, &TrainConfig { seed: 8, max_train_steps: Some(6), ..config }, Callbacks::default()).unwrap_err();
+    assert!(matches!(err, LoraError::TrainState { .. }), "{err}");
+}
