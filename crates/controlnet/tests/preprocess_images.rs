@@ -152,3 +152,18 @@ fn bad_parameters_are_typed_errors() -> Result<()> {
     assert_eq!(canny(&GrayImage::new(0, 0), 100.0, 200.0).dimensions(), (0, 0));
     Ok(())
 }
+
+#[test]
+fn tiny_images_do_not_panic() -> Result<()> {
+    let dot = RgbImage::from_pixel(1, 1, image::Rgb([200, 10, 90]));
+    assert_eq!(canny(&dot, 100.0, 200.0).dimensions(), (1, 1));
+    assert_eq!(canny(&GrayImage::from_fn(7, 1, |x, _| image::Luma([(x * 40) as u8])), 10.0, 20.0).dimensions(), (7, 1));
+    for interpolation in [Interpolation::Nearest, Interpolation::Cubic, Interpolation::Lanczos4, Interpolation::Area] {
+        let grown = resize(&dot, 5, 3, interpolation)?;
+        assert!(grown.pixels().all(|p| p.0 == [200, 10, 90]), "{interpolation:?} of a constant image");
+        assert_eq!(resize(&grown, 1, 1, interpolation)?.dimensions(), (1, 1));
+    }
+    assert_eq!(tile_resample(&RgbImage::new(3, 3), 2.0)?.dimensions(), (1, 1));
+    assert_eq!(color_map(&dot, 1.0)?.dimensions(), (1, 1));
+    Ok(())
+}

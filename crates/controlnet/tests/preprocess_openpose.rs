@@ -204,7 +204,9 @@ fn decoding_matches_controlnet_aux_on_synthesised_skeletons() -> Result<()> {
     let (h, w) = (shape[0] as usize, shape[1] as usize);
     let heatmaps = dense(&io, "heat", h * w * 19)?;
     let pafs = dense(&io, "paf", h * w * 38)?;
-    let decoded = decode(&PoseMaps { width: w, height: h, heatmaps: &heatmaps, pafs: &pafs });
+    let decoded = decode(&PoseMaps { width: w, height: h, heatmaps: &heatmaps, pafs: &pafs })?;
+    let short = PoseMaps { width: w, height: h, heatmaps: &heatmaps[1..], pafs: &pafs };
+    assert!(matches!(decode(&short), Err(PreprocessError::InvalidParameter { name: "heatmaps", .. })));
 
     let expected = fixture_json("decode_expected.json")?;
     let table = |name: &str| -> Result<Vec<Vec<f64>>> {
@@ -283,7 +285,7 @@ fn body_estimation_matches_controlnet_aux() -> Result<()> {
         assert!(worst_sum < MAP_TOLERANCE * (h * w) as f64, "{name} sums: {worst_sum}");
     }
 
-    let decoded = decode(&PoseMaps { width: w, height: h, heatmaps: &heat, pafs: &paf });
+    let decoded = decode(&PoseMaps { width: w, height: h, heatmaps: &heat, pafs: &paf })?;
     let candidates = io["candidate"].to_vec2::<f64>()?;
     let subset = io["subset"].to_vec2::<f64>()?;
     println!(

@@ -11,6 +11,7 @@
 //!    merging rows that share no part; rows with < 4 parts or a mean score < 0.4 are dropped.
 
 use super::{Body, Keypoint};
+use crate::preprocess::PreprocessError;
 
 /// Heat-map threshold of a peak.
 const PEAK_THRESHOLD: f64 = 0.1;
@@ -255,7 +256,19 @@ fn connect(maps: &PoseMaps, k: usize, cand_a: &[[f64; 4]], cand_b: &[[f64; 4]]) 
 }
 
 /// Decodes the network's maps into controlnet_aux's candidate and subset tables.
-pub fn decode(maps: &PoseMaps) -> Decoded {
+///
+/// Maps whose lengths disagree with `width × height × channels` give
+/// [`PreprocessError::InvalidParameter`].
+pub fn decode(maps: &PoseMaps) -> Result<Decoded, PreprocessError> {
+    let pixels = maps.width * maps.height;
+    for (name, len, channels) in [("heatmaps", maps.heatmaps.len(), 19), ("pafs", maps.pafs.len(), 38)] {
+        if len != pixels * channels {
+            return Err(PreprocessError::InvalidParameter {
+                name,
+                reason: format!("{len} values for a {}x{}x{channels} map", maps.height, maps.width),
+            });
+        }
+    }
     let peaks = find_peaks(maps);
     let candidates: Vec<[f64; 4]> = peaks.iter().flatten().copied().collect();
     let mut subset: Vec<[f64; 20]> = Vec::new();
@@ -306,5 +319,5 @@ pub fn decode(maps: &PoseMaps) -> Decoded {
         }
     }
     subset.retain(|row| !(row[19] < 4.0 || row[18] / row[19] < 0.4));
-    Decoded { candidates, subset }
+    Ok(Decoded { candidates, subset })
 }

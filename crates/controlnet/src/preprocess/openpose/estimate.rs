@@ -86,7 +86,7 @@ pub fn pose_maps(
 pub fn estimate_bodies(model: &BodyPoseModel, image: &RgbImage, device: &Device) -> Result<Decoded, PreprocessError> {
     let (heatmaps, pafs) = pose_maps(model, image, device)?;
     let (width, height) = (image.width() as usize, image.height() as usize);
-    Ok(decode(&PoseMaps { width, height, heatmaps: &heatmaps, pafs: &pafs }))
+    decode(&PoseMaps { width, height, heatmaps: &heatmaps, pafs: &pafs })
 }
 
 /// controlnet_aux `OpenposeDetector(image)` with the body only: the image resized to
