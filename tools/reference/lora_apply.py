@@ -14,12 +14,14 @@ crates/lora/tests/fixtures/apply/
   sd15_kohya_b.safetensors                  a second kohya LoRA, rank 2, some of the same modules
   sd15_peft.safetensors                     diffusers/peft LoRA (alphas in lora_adapter_metadata)
   sdxl_kohya.safetensors                    kohya SDXL LoRA (lora_unet_, lora_te1_, lora_te2_)
+  sdxl_kohya_sgm.safetensors                the same with SGM UNet names (lora_unet_input_blocks_...)
   io.safetensors                            inputs and diffusers' outputs
 
 Usage: .venv-ref/bin/python tools/reference/lora_apply.py
 """
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -35,6 +37,9 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ldm_layout import unet_ldm_layout  # noqa: E402
 
 torch.set_num_threads(1)
 torch.use_deterministic_algorithms(True)
@@ -297,6 +302,7 @@ def main() -> None:
     save_half(te1, OUT / "sdxl_te1")
     save_half(te2, OUT / "sdxl_te2")
     sdxl_targets = [lora_targets(unet, True), lora_targets(te1, False), lora_targets(te2, False)]
+    sdxl_base, te1_base, te2_base = ({k: v.clone() for k, v in m.state_dict().items()} for m in (unet, te1, te2))
     x = kohya_lora(sdxl_targets[0], "lora_unet", 4, gen, [2])
     x.update(kohya_lora(sdxl_targets[1], "lora_te1", 4, gen, [4]))
     x.update(kohya_lora(sdxl_targets[2], "lora_te2", 4, gen, [1]))
@@ -325,6 +331,31 @@ def main() -> None:
     pipe.unload_lora_weights()
     for n, v in zip(names, sdxl_outputs(pipe)):
         io[f"sdxl/{n}_lora"] = v
+
+    # The same LoRA with SGM (original SDXL) UNet names, as kohya's SDXL trainer writes them.
+    sgm = {}
+    to_ldm = {d[: -len(".weight")]: l[: -len(".weight")] for l, (d, _) in unet_ldm_layout(unet.state_dict()).items()
+              if d.endswith(".weight")}
+    by_kohya = {f"lora_unet_{d.replace('.', '_')}": f"lora_unet_{l.replace('.', '_')}" for d, l in to_ldm.items()}
+    for key, v in x.items():
+        module, rest = key.split(".", 1)
+        sgm[f"{by_kohya.get(module, module)}.{rest}"] = v
+    assert sum(k.startswith("lora_unet_input_blocks") for k in sgm) > 0
+    save_sorted(sgm, OUT / "sdxl_kohya_sgm.safetensors", {"ss_base_model_version": "sdxl_base_v1-0"})
+    unet_s = unet_sdxl()
+    unet_s.load_state_dict(sdxl_base)
+    te1_s, te2_s = CLIPTextModel(clip_config(False)).eval(), CLIPTextModelWithProjection(clip_config(True)).eval()
+    te1_s.load_state_dict(te1_base)
+    te2_s.load_state_dict(te2_base)
+    pipe = StableDiffusionXLPipeline(
+        vae=tiny_vae(), text_encoder=te1_s, text_encoder_2=te2_s, tokenizer=None, tokenizer_2=None, unet=unet_s,
+        scheduler=DDPMScheduler(),
+    )
+    pipe.load_lora_weights(str(OUT / "sdxl_kohya_sgm.safetensors"), adapter_name="s")
+    assert count_lora_layers(pipe.unet, "s") == len(sdxl_targets[0]), count_lora_layers(pipe.unet, "s")
+    pipe.fuse_lora(components=["unet", "text_encoder", "text_encoder_2"], lora_scale=MULTIPLIER_A, adapter_names=["s"])
+    for n, v in zip(names, sdxl_outputs(pipe)):
+        assert (v - io[f"sdxl/{n}_lora"]).abs().max() < 1e-5, n
 
     io["multipliers"] = torch.tensor([MULTIPLIER_A, MULTIPLIER_B])
     io = {k: v.contiguous() for k, v in sorted(io.items())}

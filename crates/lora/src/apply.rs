@@ -128,7 +128,11 @@ impl<'a> Targets<'a> {
             let paths: Vec<&str> = shapes.keys().filter(|(s, _)| *s == slot).map(|(_, p)| p.as_str()).collect();
             for &prefix in slot.prefixes() {
                 index.add(prefix, paths.iter().copied())?;
-                if slot != Slot::Unet {
+                if slot == Slot::Unet {
+                    for (alias, path) in crate::sgm_names::sgm_aliases(&paths) {
+                        index.add_alias(prefix, &alias, path.to_string())?;
+                    }
+                } else {
                     for path in &paths {
                         if let Some(short) = path.strip_prefix("text_model.") {
                             index.add_alias(prefix, short, path.to_string())?;

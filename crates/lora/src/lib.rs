@@ -6,6 +6,7 @@
 //!   crate's in-memory form of any LoRA.
 //! - [`peft_file`]: diffusers/peft LoRAs (`lora_A`/`lora_B`, alphas in metadata or config).
 //! - [`naming`]: kohya module names (`lora_unet_...`) to and from real module paths.
+//! - [`sgm_names`]: the original (SGM) UNet names kohya's SDXL files use, as aliases.
 //! - [`family`]: which base family (SD1/SD2/SDXL) a LoRA and a model are.
 //! - [`mod@merge`]: the merge math `W + m · alpha/rank · up·down`.
 //! - [`adapter`]: the run-time LoRA branch attached through the diffusion crate's `Adapter`.
@@ -28,6 +29,7 @@ pub mod merge;
 pub mod naming;
 pub mod network;
 pub mod peft_file;
+pub mod sgm_names;
 pub mod train_config;
 pub mod trainer;
 

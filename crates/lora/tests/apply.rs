@@ -130,6 +130,8 @@ fn sdxl_pair_merged_and_attached_match_diffusers() {
     let mut te2: CLIPTextModelWithProjection =
         load_clip_text_model_with_projection(&fixture("apply/sdxl_te2"), None, DType::F32, &dev).unwrap();
     let x = lora("sdxl_kohya.safetensors");
+    let sgm = lora("sdxl_kohya_sgm.safetensors");
+    assert!(sgm.modules().any(|(n, _)| n.starts_with("lora_unet_input_blocks_")));
     let outputs = |unet: &UNet2DConditionModel, te1: &CLIPTextModel, te2: &CLIPTextModelWithProjection| {
         let cond = UNetConditioning {
             text_embeds: Some(&io["text_embeds"]),
@@ -150,6 +152,13 @@ fn sdxl_pair_merged_and_attached_match_diffusers() {
     reports[0].ensure_complete().unwrap();
     for (got, n) in outputs(&unet, &te1, &te2).iter().zip(names) {
         assert_close(&format!("sdxl merged {n}"), got, &io[&format!("sdxl/{n}_lora")], TOL);
+    }
+    merged.unmerge(&mut targets(&mut unet, &mut te1, &mut te2)).unwrap();
+    // The same LoRA with SGM UNet names (kohya's SDXL trainer), merged.
+    let (merged, reports) = merge(&mut targets(&mut unet, &mut te1, &mut te2), &[(&sgm, 0.7)]).unwrap();
+    reports[0].ensure_complete().unwrap();
+    for (got, n) in outputs(&unet, &te1, &te2).iter().zip(names) {
+        assert_close(&format!("sdxl SGM names merged {n}"), got, &io[&format!("sdxl/{n}_lora")], TOL);
     }
     merged.unmerge(&mut targets(&mut unet, &mut te1, &mut te2)).unwrap();
     attach(&mut targets(&mut unet, &mut te1, &mut te2), &[(&x, 0.7)]).unwrap();
