@@ -31,7 +31,8 @@ pub fn load_controlnet(
             Some(c) => c.clone(),
             None => read_config(&config_path)?,
         };
-        let weights = open_weights(path, None).or_else(|_| open_weights(path, Some("fp16")))?;
+        // The plain weights, else the `.fp16` variant; the error names the plain file.
+        let weights = open_weights(path, None).or_else(|e| open_weights(path, Some("fp16")).map_err(|_| e))?;
         return build(Arc::new(weights), &config, &config_path, |name| name.to_string(), dtype, device);
     }
     let weights = Arc::new(Weights::open(path)?);

@@ -235,3 +235,18 @@ fn wrong_image_size_is_an_input_error() {
         .unwrap_err();
     assert!(matches!(err, ControlNetError::InvalidInput { field: "controlnet_cond", .. }), "{err:?}");
 }
+
+#[test]
+fn diffusers_folder_with_only_the_fp16_variant_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = fixtures().join("sd15_controlnet");
+    std::fs::copy(source.join("config.json"), dir.path().join("config.json")).unwrap();
+    std::fs::copy(
+        source.join("diffusion_pytorch_model.safetensors"),
+        dir.path().join("diffusion_pytorch_model.fp16.safetensors"),
+    )
+    .unwrap();
+    let t = io("sd15_controlnet_io.safetensors");
+    let model = load_controlnet(dir.path(), None, DType::F32, &Device::Cpu).unwrap();
+    check_residuals("fp16 variant folder", &forward(&model, &t), &t, "");
+}

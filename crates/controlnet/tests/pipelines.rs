@@ -1,7 +1,8 @@
 //! ControlNet sampling through the diffusion crate's residual hook against diffusers'
 //! `StableDiffusionControlNetPipeline` (two units with their own weights and guidance windows)
 //! and `StableDiffusionControlNetInpaintPipeline` (ordinary UNet, guess mode), on the tiny
-//! components (`tools/reference/controlnet_pipelines.py`).
+//! components (`tools/reference/controlnet_pipelines.py`). Step latents within 1e-5 of their
+//! magnitude, the decoded image within 1e-3.
 
 mod common;
 
@@ -63,7 +64,10 @@ fn run_and_check(
     let mut seen = 0;
     let mut check = |p: &Progress| {
         let expected = steps.get(p.step - 1).unwrap().unsqueeze(0).unwrap();
-        assert_close(&format!("step {} latents", p.step), p.latents, &expected, 1e-4);
+        // Latents reach |x| ≈ 50 here: compare relative to the magnitude (f32 carries ~7 digits),
+        // as the diffusion crate's pipeline tests do.
+        let scale = common::max_abs(&expected).max(1.0);
+        assert_close(&format!("step {} latents", p.step), p.latents, &expected, 1e-5 * scale);
         seen = p.step;
         Flow::Continue
     };
