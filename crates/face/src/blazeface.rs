@@ -54,10 +54,13 @@ impl BlazeFace {
         imageops::replace(&mut square, img, i64::from(ox), i64::from(oy));
         let input = to_nchw_signed(&square, SIZE, SIZE);
         let out = self.model.run(&[("input", Input::from(&input))])?;
-        let (reg, cls) = (&out["regressors"], &out["classificators"]);
-        let (Some(reg), Some(cls)) = (reg.as_slice(), cls.as_slice()) else {
-            return Err(FaceError::BadShape { name: "regressors".into(), expected: vec![1, 896, 16], found: vec![] });
+        let output = |name: &str| {
+            out.get(name).and_then(|a| a.as_slice()).ok_or_else(|| FaceError::UnsupportedModel {
+                path: name.into(),
+                reason: format!("BlazeFace output `{name}` missing"),
+            })
         };
+        let (reg, cls) = (output("regressors")?, output("classificators")?);
         if reg.len() != self.anchors.len() * 16 || cls.len() != self.anchors.len() {
             return Err(FaceError::BadShape {
                 name: "regressors".into(),

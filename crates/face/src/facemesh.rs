@@ -104,7 +104,13 @@ impl FaceMesh {
         let input =
             Array4::from_shape_fn((1, 3, s, s), |(_, c, y, x)| f32::from(raw[(y * s + x) * 3 + c]) / 127.5 - 1.0);
         let out = self.model.run(&[("input_1", Input::from(&input))])?;
-        let (pts, presence) = (&out["conv2d_20"], &out["conv2d_30"]);
+        let output = |name: &str| {
+            out.get(name).ok_or_else(|| FaceError::UnsupportedModel {
+                path: name.into(),
+                reason: format!("FaceMesh output `{name}` missing"),
+            })
+        };
+        let (pts, presence) = (output("conv2d_20")?, output("conv2d_30")?);
         if pts.len() != 1404 || presence.is_empty() {
             return Err(FaceError::BadShape {
                 name: "conv2d_20".into(),

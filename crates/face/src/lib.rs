@@ -12,7 +12,7 @@
 //! * [`segment`]: the [`Segmenter`] trait, U²-Net (rembg's processing) and the embedded selfie model.
 //! * [`blazeface`], [`facemesh`]: MediaPipe's detector and 468-point mesh, and region masks (skin,
 //!   eyes, brows, lips, face oval) behind the [`FaceParser`] trait.
-//! * [`resample`]: `cv2.resize`-exact `INTER_LINEAR` / `INTER_AREA` for the detectors' inputs.
+//! * [`resample`]: `cv2.resize`- and Pillow-exact resizing for the models' inputs.
 //! * [`geometry`]: EasyPhoto's box rules (expansion by a ratio, left-to-right order, roll score,
 //!   training box) and PIL-style crops.
 //! * [`ranking`]: identity ranking of training photos (mean-embedding pivot, reference photo, top 15).

@@ -1,6 +1,6 @@
-//! Image resizing as OpenCV's `cv2.resize` computes it, for the detectors whose reference
-//! pre-processing calls it: `INTER_LINEAR` on 8-bit images (SCRFD) and `INTER_AREA` on 8-bit and
-//! float images (MTCNN).
+//! Image resizing exactly as the reference pre-processing computes it: OpenCV's `cv2.resize`
+//! (`INTER_LINEAR` on 8-bit images for SCRFD, `INTER_AREA` on 8-bit and float images for MTCNN)
+//! and Pillow's `Image.resize` (`LANCZOS` for rembg's U²-Net, `BILINEAR`).
 //!
 //! Images here are interleaved row-major slices with `channels` values per pixel.
 
