@@ -17,8 +17,9 @@ use crate::original_keys::{ORIGINAL_PREFIX, diffusers_key_to_original};
 use crate::{ControlNetConfig, ControlNetError, ControlNetModel, DIFFUSERS_PREFIX};
 
 /// Loads a ControlNet from a diffusers folder, an original-layout `.pth` / `.ckpt` /
-/// `.safetensors` file, or a diffusers-layout single file (which needs `config`). `config`
-/// overrides the folder's `config.json` or the config inferred from an original file.
+/// `.safetensors` file, or a diffusers-layout single file. `config` overrides the folder's
+/// `config.json` or the config inferred from a single file's keys and shapes (whose head counts
+/// follow the released models, see [`infer_original_config`]).
 pub fn load_controlnet(
     path: &Path,
     config: Option<&ControlNetConfig>,
@@ -37,10 +38,11 @@ pub fn load_controlnet(
     }
     let weights = Arc::new(Weights::open(path)?);
     if weights.contains(&format!("{DIFFUSERS_PREFIX}.conv_in.weight")) {
-        let Some(config) = config else {
-            return Err(config_error(path, "config", "a diffusers-layout file needs its config.json"));
+        let config = match config {
+            Some(c) => c.clone(),
+            None => infer_diffusers_config(&weights)?,
         };
-        return build(weights, config, path, |name| name.to_string(), dtype, device);
+        return build(weights, &config, path, |name| name.to_string(), dtype, device);
     }
     let prefix = [ORIGINAL_PREFIX, ""]
         .into_iter()
@@ -79,25 +81,83 @@ fn build(
     Ok(model)
 }
 
-/// The config of an original-layout ControlNet, read off its keys and shapes: levels, widths and
-/// transformer depths from `input_blocks`, the hint encoder from `input_hint_block`, SDXL's
-/// `text_time` conditioning from `label_emb`. Head counts follow the family, as in every released
-/// model: 8 heads with CLIP-L's 768-wide context (SD 1.x), 64-wide heads otherwise.
+/// What the keys and shapes of a checkpoint say about its architecture.
+struct Shapes {
+    in_channels: usize,
+    conditioning_channels: usize,
+    levels: Vec<Level>,
+    cross_attention_dim: usize,
+    use_linear_projection: bool,
+    hint_channels: Vec<usize>,
+    /// SDXL: the input width of `add_embedding` (`text_time` conditioning).
+    projection_dim: Option<usize>,
+}
+
+/// One encoder level: width, resnets, whether they have attention (a transformer with zero
+/// blocks still has `proj_in`), transformer depth.
+struct Level {
+    width: usize,
+    resnets: usize,
+    attention: bool,
+    depth: usize,
+}
+
+impl Shapes {
+    /// The config, with the head counts of the family, as in every released model: 8 heads with
+    /// CLIP-L's 768-wide context (SD 1.x), 64-wide heads otherwise; SDXL's 256-wide time ids.
+    fn into_config(self, path: &Path) -> Result<ControlNetConfig, ControlNetError> {
+        let layers_per_block = self.levels.first().map_or(0, |l| l.resnets);
+        if layers_per_block == 0 || self.levels.iter().any(|l| l.resnets != layers_per_block) {
+            let counts: Vec<usize> = self.levels.iter().map(|l| l.resnets).collect();
+            return Err(DiffusionError::UnknownArchitecture {
+                path: path.to_path_buf(),
+                message: format!("encoder levels with resnet counts {counts:?}"),
+            }
+            .into());
+        }
+        let cross = self.cross_attention_dim;
+        let heads = |c: usize| if cross == 768 { 8 } else { (c / 64).max(1) };
+        let levels = &self.levels;
+        Ok(ControlNetConfig {
+            in_channels: self.in_channels,
+            conditioning_channels: self.conditioning_channels,
+            down_block_types: levels
+                .iter()
+                .map(|l| if l.attention { "CrossAttnDownBlock2D" } else { "DownBlock2D" }.to_string())
+                .collect(),
+            block_out_channels: levels.iter().map(|l| l.width).collect(),
+            layers_per_block,
+            cross_attention_dim: cross,
+            transformer_layers_per_block: PerBlock::Each(levels.iter().map(|l| l.depth).collect()),
+            attention_head_dim: PerBlock::Each(levels.iter().map(|l| heads(l.width)).collect()),
+            use_linear_projection: self.use_linear_projection,
+            addition_embed_type: self.projection_dim.map(|_| "text_time".to_string()),
+            addition_time_embed_dim: self.projection_dim.map(|_| 256),
+            projection_class_embeddings_input_dim: self.projection_dim,
+            conditioning_embedding_out_channels: Some(self.hint_channels),
+            only_cross_attention: PerBlock::Each(vec![false; levels.len()]),
+            ..Default::default()
+        })
+    }
+}
+
+/// The context width (any cross-attention `to_k`, else CLIP-L's 768) and whether `proj_in` is a
+/// linear layer, over the keys starting with `prefix`.
+fn attention_shapes(weights: &Weights, prefix: &str) -> (usize, bool) {
+    let ours = || weights.shapes().iter().filter(move |(k, _)| k.starts_with(prefix));
+    let cross = ours().find(|(k, _)| k.ends_with("attn2.to_k.weight")).map_or(768, |(_, s)| s[1]);
+    (cross, ours().any(|(k, s)| k.ends_with("proj_in.weight") && s.len() == 2))
+}
+
+/// The config of an original-layout ControlNet (keys under `prefix`), read off its keys and
+/// shapes: levels, widths and transformer depths from `input_blocks`, the hint encoder from
+/// `input_hint_block`, SDXL's `text_time` conditioning from `label_emb`; head counts by family.
 pub fn infer_original_config(weights: &Weights, prefix: &str) -> Result<ControlNetConfig, ControlNetError> {
     let path = weights.path();
     let shape = |key: String| weights.shape(&format!("{prefix}{key}")).map(<[usize]>::to_vec);
-    let unknown = |message: String| DiffusionError::UnknownArchitecture { path: path.to_path_buf(), message };
-    let conv_in =
-        shape("input_blocks.0.0.weight".into()).ok_or_else(|| unknown("no `input_blocks.0.0.weight`".into()))?;
-
-    // Encoder levels until each downsampler: width, resnets, whether they have attention (a
-    // transformer with zero blocks still has `proj_in`), transformer depth.
-    struct Level {
-        width: usize,
-        resnets: usize,
-        attention: bool,
-        depth: usize,
-    }
+    let unknown =
+        |message: &str| DiffusionError::UnknownArchitecture { path: path.to_path_buf(), message: message.into() };
+    let conv_in = shape("input_blocks.0.0.weight".into()).ok_or_else(|| unknown("no `input_blocks.0.0.weight`"))?;
     let mut levels: Vec<Level> = vec![];
     let mut level = Level { width: conv_in[0], resnets: 0, attention: false, depth: 0 };
     for k in 1.. {
@@ -116,53 +176,61 @@ pub fn infer_original_config(weights: &Weights, prefix: &str) -> Result<ControlN
             break;
         }
     }
-    let layers_per_block = levels[0].resnets;
-    if levels.iter().any(|l| l.resnets != layers_per_block) {
-        let counts: Vec<usize> = levels.iter().map(|l| l.resnets).collect();
-        return Err(unknown(format!("levels with different resnet counts: {counts:?}")).into());
-    }
-    let attention_key = weights
-        .shapes()
-        .iter()
-        .filter(|(k, _)| k.starts_with(prefix) && k.contains("input_blocks.") && k.ends_with("attn2.to_k.weight"))
-        .map(|(_, s)| s.clone())
-        .next();
-    let cross_attention_dim = attention_key.map_or(768, |s| s[1]);
-    let use_linear_projection =
-        weights.shapes().iter().any(|(k, s)| k.starts_with(prefix) && k.ends_with(".1.proj_in.weight") && s.len() == 2);
-    let heads = |c: usize| if cross_attention_dim == 768 { 8 } else { (c / 64).max(1) };
-
-    let hint_shape = |i: usize| shape(format!("input_hint_block.{i}.weight"));
-    let hint_in = hint_shape(0).ok_or_else(|| unknown("no `input_hint_block.0.weight`".into()))?;
-    let convs = (0..).take_while(|&i| hint_shape(2 * i).is_some()).count();
+    let hint = |i: usize| shape(format!("input_hint_block.{i}.weight"));
+    let hint_in = hint(0).ok_or_else(|| unknown("no `input_hint_block.0.weight`"))?;
+    let convs = (0..).take_while(|&i| hint(2 * i).is_some()).count();
     // conv_in, then (same-size conv, stride-2 conv) pairs, then conv_out.
     let mut hint_channels = vec![hint_in[0]];
-    for pair in 0..convs.saturating_sub(2) / 2 {
-        hint_channels.extend(hint_shape(2 * (2 * pair + 2)).map(|s| s[0]));
-    }
-
-    let label_emb = shape("label_emb.0.0.weight".into());
-    let n = levels.len();
-    Ok(ControlNetConfig {
+    hint_channels.extend((0..convs.saturating_sub(2) / 2).filter_map(|pair| hint(2 * (2 * pair + 2)).map(|s| s[0])));
+    let (cross_attention_dim, use_linear_projection) = attention_shapes(weights, prefix);
+    Shapes {
         in_channels: conv_in[1],
         conditioning_channels: hint_in[1],
-        down_block_types: levels
-            .iter()
-            .map(|l| if l.attention { "CrossAttnDownBlock2D" } else { "DownBlock2D" }.to_string())
-            .collect(),
-        block_out_channels: levels.iter().map(|l| l.width).collect(),
-        layers_per_block,
+        levels,
         cross_attention_dim,
-        transformer_layers_per_block: PerBlock::Each(
-            levels.iter().map(|l| if l.attention { l.depth } else { 1 }).collect(),
-        ),
-        attention_head_dim: PerBlock::Each(levels.iter().map(|l| heads(l.width)).collect()),
         use_linear_projection,
-        addition_embed_type: label_emb.as_ref().map(|_| "text_time".to_string()),
-        addition_time_embed_dim: label_emb.as_ref().map(|_| 256),
-        projection_class_embeddings_input_dim: label_emb.map(|s| s[1]),
-        conditioning_embedding_out_channels: Some(hint_channels),
-        only_cross_attention: PerBlock::Each(vec![false; n]),
-        ..Default::default()
-    })
+        hint_channels,
+        projection_dim: shape("label_emb.0.0.weight".into()).map(|s| s[1]),
+    }
+    .into_config(path)
+}
+
+/// The config of a diffusers-layout single file (such as `diffusers_xl_canny_mid.safetensors`
+/// downloaded without its `config.json`), read off its keys and shapes; head counts by family.
+pub fn infer_diffusers_config(weights: &Weights) -> Result<ControlNetConfig, ControlNetError> {
+    let path = weights.path();
+    let shape = |key: String| weights.shape(&key).map(<[usize]>::to_vec);
+    let unknown =
+        |message: &str| DiffusionError::UnknownArchitecture { path: path.to_path_buf(), message: message.into() };
+    let conv_in = shape("conv_in.weight".into()).ok_or_else(|| unknown("no `conv_in.weight`"))?;
+    let levels = (0..)
+        .map_while(|i| {
+            let width = shape(format!("down_blocks.{i}.resnets.0.conv1.weight"))?[0];
+            let resnets =
+                (0..).take_while(|j| shape(format!("down_blocks.{i}.resnets.{j}.conv1.weight")).is_some()).count();
+            let attention = shape(format!("down_blocks.{i}.attentions.0.proj_in.weight")).is_some();
+            let depth = (0..)
+                .take_while(|d| {
+                    shape(format!("down_blocks.{i}.attentions.0.transformer_blocks.{d}.norm1.weight")).is_some()
+                })
+                .count();
+            Some(Level { width, resnets, attention, depth })
+        })
+        .collect();
+    let hint = |name: String| shape(format!("{DIFFUSERS_PREFIX}.{name}.weight"));
+    let hint_in = hint("conv_in".into()).ok_or_else(|| unknown("no hint encoder"))?;
+    let mut hint_channels = vec![hint_in[0]];
+    // blocks alternate a same-size conv and a stride-2 conv that widens.
+    hint_channels.extend((0..).map_while(|pair| hint(format!("blocks.{}", 2 * pair + 1)).map(|s| s[0])));
+    let (cross_attention_dim, use_linear_projection) = attention_shapes(weights, "down_blocks.");
+    Shapes {
+        in_channels: conv_in[1],
+        conditioning_channels: hint_in[1],
+        levels,
+        cross_attention_dim,
+        use_linear_projection,
+        hint_channels,
+        projection_dim: shape("add_embedding.linear_1.weight".into()).map(|s| s[1]),
+    }
+    .into_config(path)
 }
