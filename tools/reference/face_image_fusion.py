@@ -18,6 +18,8 @@ Also EasyPhoto's own mask recipes on these masks, line for line from scripts/eas
 dilated by 16 set to 255, input lips set to 0, blur 8 / 255, float64 blend) of `fused_6` into the
 template at ratio 0.6, with region masks drawn from the landmarks (`blend.*`); `inpaint_face_mask`
 (close + dilate by face_width // 10) and `contour_mask` (dilate32 - erode16 + eyes/lips, clipped).
+`crop_and_paste` (face_process_utils.py): the astronaut's face box x1.5 (safe_get_box_mask_keypoints
+rule) with its box mask, pasted onto the template by the landmarks (`paste.*`).
 
     (cd tools/reference && ../../.venv-ref/bin/python face_image_fusion.py)
 """
@@ -43,10 +45,32 @@ WINDOW = (320, 30, 480, 200)  # x1, y1, x2, y2 in faceapi_sample3_640.png
 ORDER = ["left_eye", "right_eye", "nose", "mouth_left", "mouth_right"]
 
 
-def landmarks(detector, img, pick_x):
+def detect(detector, img, pick_x):
     faces = detector.detect_faces(img)
-    face = min(faces, key=lambda f: abs(f["box"][0] - pick_x))
+    return min(faces, key=lambda f: abs(f["box"][0] - pick_x))
+
+
+def landmarks(detector, img, pick_x):
+    face = detect(detector, img, pick_x)
     return np.array([face["keypoints"][k] for k in ORDER], np.float32)
+
+
+def crop_and_paste(source_image, source_image_mask, target_image, source_five_point, target_five_point, source_box):
+    """face_process_utils.py crop_and_paste (numpy arrays instead of PIL images; same crops)."""
+    source_five_point = np.reshape(source_five_point, [5, 2]) - np.array(source_box[:2])
+    target_five_point = np.reshape(target_five_point, [5, 2])
+    x1, y1, x2, y2 = np.int32(source_box)
+    crop_source_image = source_image[y1:y2, x1:x2]
+    crop_source_image_mask = source_image_mask[y1:y2, x1:x2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        tform = transform.SimilarityTransform()
+        tform.estimate(source_five_point, target_five_point)
+    M = tform.params[0:2, :]
+    warped = cv2.warpAffine(np.ascontiguousarray(crop_source_image), M, np.shape(target_image)[:2][::-1], borderValue=0.0)
+    warped_mask = cv2.warpAffine(np.ascontiguousarray(crop_source_image_mask), M, np.shape(target_image)[:2][::-1], borderValue=0.0)
+    mask = np.float32(warped_mask == 0)
+    return mask * np.float32(target_image) + (1 - mask) * np.float32(warped)
 
 
 def ellipse_mask(w, h, lmk):
@@ -130,6 +154,22 @@ def main():
     eyes_lips = np.uint8(np.maximum(eyes, lips))
     ring = cv2.dilate(mask, np.ones((32, 32), np.uint8), iterations=1) - cv2.erode(mask, np.ones((16, 16), np.uint8), iterations=1)
     t["recipe.contour"] = np.uint8(np.clip(np.float32(ring) + np.float32(eyes_lips), 0, 255))
+    box = detect(detector, user, 179)["box"]  # x, y, w, h
+    bx = [float(box[0]), float(box[1]), float(box[0] + box[2]), float(box[1] + box[3])]
+    face_width, face_height = bx[2] - bx[0], bx[3] - bx[1]
+    r = 1.5
+    uh, uw = user.shape[:2]
+    source_box = np.array([
+        np.clip(np.int32(bx[0]) - face_width * (r - 1) / 2, 0, uw - 1),
+        np.clip(np.int32(bx[1]) - face_height * (r - 1) / 2, 0, uh - 1),
+        np.clip(np.int32(bx[2]) + face_width * (r - 1) / 2, 0, uw - 1),
+        np.clip(np.int32(bx[3]) + face_height * (r - 1) / 2, 0, uh - 1),
+    ]).astype(np.int32)
+    source_mask = np.zeros((uh, uw, 3), np.uint8)
+    source_mask[source_box[1] : source_box[3], source_box[0] : source_box[2]] = 255
+    t["paste.detection"] = np.array(bx, np.float64)
+    t["paste.source_box"] = source_box
+    t["paste.out"] = np.uint8(crop_and_paste(user, source_mask, template, u_lmk, t_lmk, source_box))
     save_file({k: np.ascontiguousarray(v) for k, v in sorted(t.items())}, OUT)
 
 

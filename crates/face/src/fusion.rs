@@ -137,6 +137,35 @@ pub fn fuse_faces(
     blend(&warped, template, &weights)
 }
 
+/// EasyPhoto's `crop_and_paste`, the "replaced image" that feeds the OpenPose ControlNet: the crop
+/// `source_box` of `source` (and of `source_mask`) is warped onto `target` by the similarity taking
+/// the source landmarks (in `source`'s coordinates) onto `target_landmarks`, and replaces the
+/// target wherever the warped mask is non-zero (per channel, as EasyPhoto compares its
+/// three-channel mask).
+pub fn crop_and_paste(
+    source: &RgbImage,
+    source_mask: &GrayImage,
+    target: &RgbImage,
+    source_landmarks: &[[f32; 2]; 5],
+    target_landmarks: &[[f32; 2]; 5],
+    source_box: [i32; 4],
+) -> Result<RgbImage, FaceError> {
+    same_size("crop_and_paste (source, source_mask)", source.dimensions(), source_mask.dimensions())?;
+    let (x0, y0) = (source_box[0] as f32, source_box[1] as f32);
+    let relative = source_landmarks.map(|[x, y]| [x - x0, y - y0]);
+    let m = Similarity::estimate(&relative, target_landmarks)?.matrix();
+    let (w, h) = target.dimensions();
+    let warped = warp_affine(&crop(source, source_box), &m, w, h);
+    let warped_mask = warp_affine(&crop(source_mask, source_box), &m, w, h);
+    let mut out = target.clone();
+    for ((o, p), mk) in out.pixels_mut().zip(warped.pixels()).zip(warped_mask.pixels()) {
+        if mk[0] != 0 {
+            *o = *p;
+        }
+    }
+    Ok(out)
+}
+
 /// Region masks (0/255, from face parsing: BiSeNet in EasyPhoto) that [`fusion_blend`] reads.
 #[derive(Debug, Clone, Copy)]
 pub struct FusionRegions<'a> {

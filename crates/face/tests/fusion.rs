@@ -5,9 +5,11 @@
 mod fixture_io;
 
 use easyphoto_face::fusion::{
-    ClassicalFusion, FaceFusion, FusionParams, FusionRegions, fuse_faces, fusion_blend, landmark_face_mask,
+    ClassicalFusion, FaceFusion, FusionParams, FusionRegions, crop_and_paste, fuse_faces, fusion_blend,
+    landmark_face_mask,
 };
-use easyphoto_face::masks::{contour_mask, inpaint_face_mask};
+use easyphoto_face::geometry::expand_box;
+use easyphoto_face::masks::{box_mask, contour_mask, inpaint_face_mask};
 use easyphoto_face::{Face, load_rgb};
 use fixture_io::{Fixture, test_path};
 use image::{GrayImage, RgbImage};
@@ -152,5 +154,21 @@ fn easyphoto_mask_recipes_match_opencv() -> anyhow::Result<()> {
     let eyes_lips =
         GrayImage::from_fn(eyes.width(), eyes.height(), |x, y| image::Luma([eyes[(x, y)][0].max(lips[(x, y)][0])]));
     assert_eq!(contour_mask(&c.mask, &eyes_lips)?.as_raw(), gray(&c.fx, "recipe.contour")?.as_raw());
+    Ok(())
+}
+
+#[test]
+fn crop_and_paste_matches_easyphoto() -> anyhow::Result<()> {
+    let c = case()?;
+    let d = c.fx.get("paste.detection")?.values;
+    let source_box = expand_box([d[0], d[1], d[2], d[3]], 1.5, c.user.width(), c.user.height());
+    let expected_box = c.fx.get("paste.source_box")?.values;
+    assert_eq!(source_box.map(f64::from), [expected_box[0], expected_box[1], expected_box[2], expected_box[3]]);
+    let mask = box_mask(c.user.width(), c.user.height(), source_box);
+    let out = crop_and_paste(&c.user, &mask, &c.template, &c.user_landmarks, &c.template_landmarks, source_box)?;
+    let (count, max) = diff(&out, &rgb(&c.fx, "paste.out")?);
+    eprintln!("crop_and_paste: {count} samples differ from EasyPhoto's, max {max}");
+    // As for fuse_faces: the similarity estimate's last bits can move a bilinear sample by one level.
+    assert!(max <= 1 && count <= 20, "{count} samples differ, by up to {max}");
     Ok(())
 }
