@@ -17,7 +17,7 @@ pub fn expand_box(detection: [f64; 4], ratio: f64, width: u32, height: u32) -> [
     let grow = (ratio - 1.0) / 2.0;
     let (dw, dh) = ((x2 - x1) * grow, (y2 - y1) * grow);
     let (xmax, ymax) = (f64::from(width) - 1.0, f64::from(height) - 1.0);
-    let side = |v: f64, delta: f64, max: f64| (f64::from(v as i32) + delta).clamp(0.0, max) as i32;
+    let side = |v: f64, delta: f64, max: f64| clip(f64::from(v as i32) + delta, 0.0, max) as i32;
     [side(x1, -dw, xmax), side(y1, -dh, ymax), side(x2, dw, xmax), side(y2, dh, ymax)]
 }
 
@@ -45,8 +45,13 @@ pub fn roll_score(landmarks: &[[f32; 2]; 5]) -> f64 {
 pub fn training_box(face: [i32; 4], width: u32, height: u32) -> [i32; 4] {
     let [x1, y1, x2, y2] = face;
     let (fw, fh) = (f64::from(x2 - x1), f64::from(y2 - y1));
-    let clip = |v: i32, delta: f64, max: u32| (f64::from(v) + delta).clamp(1.0, f64::from(max) - 1.0) as i32;
-    [clip(x1, -0.3 * fw, width), clip(y1, 0.15 * fh, height), clip(x2, 0.3 * fw, width), clip(y2, 0.15 * fh, height)]
+    let side = |v: i32, delta: f64, max: u32| clip(f64::from(v) + delta, 1.0, f64::from(max) - 1.0) as i32;
+    [side(x1, -0.3 * fw, width), side(y1, 0.15 * fh, height), side(x2, 0.3 * fw, width), side(y2, 0.15 * fh, height)]
+}
+
+/// `np.clip(v, lo, hi)`: `min(max(v, lo), hi)`, so `hi` wins when `lo > hi` (a 1-pixel image).
+fn clip(v: f64, lo: f64, hi: f64) -> f64 {
+    v.max(lo).min(hi)
 }
 
 /// `image.crop(box)` for a box inside the image (as every box from [`expand_box`] is): columns

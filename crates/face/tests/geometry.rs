@@ -88,6 +88,15 @@ fn training_image_matches_easyphoto() -> anyhow::Result<()> {
 }
 
 #[test]
+fn tiny_images_clip_as_numpy_does() {
+    // np.clip(v, 1, w - 1) with w = 1 gives 0 (the upper bound wins); np.clip(v, 0, -1) gives -1.
+    assert_eq!(training_box([0, 0, 1, 1], 1, 1), [0, 0, 0, 0]);
+    assert_eq!(expand_box([0.0, 0.0, 1.0, 1.0], 3.0, 0, 0), [-1, -1, -1, -1]);
+    // A NaN coordinate (numpy's int cast of NaN is undefined) must not panic.
+    let _ = expand_box([f64::NAN, 2.0, 5.0, 6.0], 1.0, 10, 10);
+}
+
+#[test]
 fn crop_is_pil_crop() {
     let img = RgbImage::from_fn(6, 4, |x, y| image::Rgb([x as u8, y as u8, 7]));
     let c = crop(&img, [2, 1, 5, 3]);
