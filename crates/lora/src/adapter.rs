@@ -1,6 +1,7 @@
 //! The run-time form of a LoRA module, attached to a layer through the diffusion crate's
 //! [`Adapter`] extension point: `y = W x + scale · up(down(x))`, with
-//! `scale = multiplier · alpha / rank`. Trainable when `down` / `up` are `Var`s.
+//! `scale = multiplier · alpha / rank`. Trainable when `down` / `up` are `Var`s; the branch may be
+//! kept in f32 on an f16/bf16 model (mixed precision).
 
 use candle_core::{Result, Tensor};
 use candle_nn::Conv2dConfig;
@@ -35,10 +36,13 @@ impl LoraAdapter {
 
 impl Adapter for LoraAdapter {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // Mixed precision: an f16/bf16 frozen layer with f32 LoRA weights computes the branch in
+        // the LoRA's dtype and returns it in the layer's.
+        let (dtype, x) = (x.dtype(), &x.to_dtype(self.down.dtype())?);
         let h = match &self.conv {
             None => x.broadcast_matmul(&self.down.t()?)?.broadcast_matmul(&self.up.t()?)?,
             Some(c) => x.conv2d(&self.down, c.padding, c.stride, c.dilation, c.groups)?.conv2d(&self.up, 0, 1, 1, 1)?,
         };
-        h.affine(self.scale, 0.0)
+        h.affine(self.scale, 0.0)?.to_dtype(dtype)
     }
 }

@@ -154,16 +154,20 @@ pub fn train(
                 let indices: Vec<usize> =
                     (first..first + config.train_batch_size).map(|i| data_index(config.seed, data.len(), i)).collect();
                 let (pixels, ids) = batch(data, &indices, config, &mut rng, unet.device())?;
+                // The frozen models' dtype (f32, or f16/bf16 for mixed precision with f32 LoRA
+                // weights), read from the text encoder's output.
+                let hidden = text_encoder.forward(&ids)?.last_hidden_state;
                 let latents = {
-                    let dist = vae.encode(&pixels)?;
+                    let dist = vae.encode(&pixels.to_dtype(hidden.dtype())?)?;
                     let noise = normal(&mut rng, dist.mean.dims(), dist.mean.device())?;
-                    dist.sample_with(&noise)?.affine(vae.scaling_factor(), 0.0)?
+                    dist.sample_with(&noise.to_dtype(hidden.dtype())?)?
+                        .affine(vae.scaling_factor(), 0.0)?
+                        .to_dtype(DType::F32)?
                 };
                 let noise = normal(&mut rng, latents.dims(), latents.device())?;
                 let timesteps: Vec<usize> = (0..indices.len())
                     .map(|_| rng.random_range(0..config.noise_scheduler.num_train_timesteps))
                     .collect();
-                let hidden = text_encoder.forward(&ids)?.last_hidden_state;
                 let loss = diffusion_loss(
                     unet,
                     &scheduler,
@@ -222,8 +226,9 @@ fn targets<'a>(unet: &'a mut UNet2DConditionModel, text_encoder: &'a mut CLIPTex
     Targets { unet: Some(unet), text_encoder: if train_te { Some(text_encoder) } else { None }, text_encoder_2: None }
 }
 
-/// `MSE(unet(noisy, t, hidden), target)`, averaged over every element, with `noisy` the DDPM
-/// forward process at `timesteps` and the target the noise (epsilon) or the velocity (v).
+/// `MSE(unet(noisy, t, hidden), target)`, averaged over every element in f32, with `noisy` the
+/// DDPM forward process at `timesteps` (computed in f32, fed to the UNet in `hidden`'s dtype) and
+/// the target the noise (epsilon) or the velocity (v).
 pub fn diffusion_loss(
     unet: &UNet2DConditionModel,
     scheduler: &DdpmScheduler,
@@ -236,7 +241,7 @@ pub fn diffusion_loss(
     let noisy = scheduler.add_noise_at(latents, noise, timesteps)?;
     let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
     let t = Tensor::from_vec(t, timesteps.len(), latents.device())?;
-    let pred = unet.forward(&noisy, &t, hidden, cond)?;
+    let pred = unet.forward(&noisy.to_dtype(hidden.dtype())?, &t, hidden, cond)?;
     let target = match scheduler.config().prediction_type {
         PredictionType::VPrediction => scheduler.get_velocity(latents, noise, timesteps)?,
         _ => noise.clone(),

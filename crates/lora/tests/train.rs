@@ -378,3 +378,36 @@ fn truncated_train_state_is_a_typed_error_naming_the_file() {
         run(&dir, &TrainConfig { seed: 8, max_train_steps: Some(6), ..config }, Callbacks::default()).unwrap_err();
     assert!(matches!(err, LoraError::TrainState { .. }), "{err}");
 }
+
+#[test]
+fn mixed_precision_trains_f32_lora_on_an_f16_model() {
+    let dev = Device::Cpu;
+    // (candle has no bf16 matmul on the CPU; f16 it has.)
+    let dtype = DType::F16;
+    let mut unet = load_unet(&fixture("apply/sd15_unet"), None, dtype, &dev).unwrap();
+    let mut te = load_clip_text_model(&fixture("apply/sd15_te"), None, dtype, &dev).unwrap();
+    let vae = load_vae(&fixture("train/vae"), None, dtype, &dev).unwrap();
+    let dir = common::temp_dir("train_f16");
+    let config = TrainConfig { max_train_steps: Some(2), ..tiny_config() };
+    let mut losses = vec![];
+    let mut progress = |p: &easyphoto_lora::Progress| {
+        losses.push(p.loss);
+        ControlFlow::Continue(())
+    };
+    let out = train(
+        TrainModels { unet: &mut unet, text_encoder: &mut te, vae: &vae },
+        &images(3),
+        &config,
+        &dir,
+        Callbacks { progress: Some(&mut progress), checkpoint: None },
+    )
+    .unwrap();
+    println!("f16 base, f32 LoRA: losses {losses:?}");
+    assert!(losses.iter().all(|l| l.is_finite()));
+    let lora = weights(&out.last_checkpoint);
+    // The ups moved away from zero: gradients reached the f32 LoRA through the f16 model.
+    let moved = lora
+        .modules()
+        .map(|(_, m)| m.up.abs().unwrap().to_dtype(DType::F32).unwrap().max_all().unwrap().to_scalar::<f32>().unwrap());
+    assert!(moved.fold(0f32, f32::max) > 0.0);
+}
