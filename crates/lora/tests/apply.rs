@@ -294,3 +294,55 @@ fn written_kohya_and_peft_files_round_trip() {
         candle_core::safetensors::save(&map, dir.join(format!("sd15_written_{format}_outputs.safetensors"))).unwrap();
     }
 }
+
+#[test]
+fn conv_1x1_pairs_fit_linear_layers_and_back() {
+    // SD1 files store proj_in/proj_out as 1x1 conv pairs; SD2/SDXL models have Linear
+    // projections (and the reverse happens): the pair is reshaped to the layer.
+    let dev = Device::Cpu;
+    let path = "down_blocks.0.attentions.0.proj_in";
+    let weight = Tensor::randn(0f32, 1.0, (6, 5), &dev).unwrap();
+    let vb = candle_nn::VarBuilder::from_tensors(
+        [(format!("{path}.weight"), weight.clone())].into_iter().collect(),
+        DType::F32,
+        &dev,
+    );
+    let mut layer = easyphoto_diffusion::layers::Linear::new(vb.pp(path), 5, 6, false).unwrap();
+    let down = Tensor::randn(0f32, 1.0, (2, 5), &dev).unwrap();
+    let up = Tensor::randn(0f32, 1.0, (6, 2), &dev).unwrap();
+    let name = "lora_unet_down_blocks_0_attentions_0_proj_in";
+    let as_conv = easyphoto_lora::KohyaModule {
+        down: down.reshape((2, 5, 1, 1)).unwrap(),
+        up: up.reshape((6, 2, 1, 1)).unwrap(),
+        alpha: Some(1.0),
+    };
+    let lora = KohyaLora::new("conv pair", [(name.to_string(), as_conv)].into_iter().collect(), Default::default());
+    let (merged, reports) =
+        merge(&mut Targets { unet: Some(&mut layer), ..Default::default() }, &[(&lora, 2.0)]).unwrap();
+    assert_eq!(reports[0].applied, 1);
+    // 2 · (1/2) · up·down
+    let want = (&weight + up.matmul(&down).unwrap()).unwrap();
+    assert!(max_abs(layer.weight(), &want) < 1e-5);
+    merged.unmerge(&mut Targets { unet: Some(&mut layer), ..Default::default() }).unwrap();
+    assert_eq!(max_abs(layer.weight(), &weight), 0.0);
+
+    // A Linear pair on a 1x1 conv.
+    let w4 = weight.reshape((6, 5, 1, 1)).unwrap();
+    let vb = candle_nn::VarBuilder::from_tensors(
+        [(format!("{path}.weight"), w4.clone()), (format!("{path}.bias"), Tensor::zeros(6, DType::F32, &dev).unwrap())]
+            .into_iter()
+            .collect(),
+        DType::F32,
+        &dev,
+    );
+    let mut conv = easyphoto_diffusion::layers::Conv2d::new(vb.pp(path), 5, 6, 1, 1, 0).unwrap();
+    let linear = easyphoto_lora::KohyaModule { down, up, alpha: Some(1.0) };
+    let lora = KohyaLora::new("linear pair", [(name.to_string(), linear)].into_iter().collect(), Default::default());
+    attach(&mut Targets { unet: Some(&mut conv), ..Default::default() }, &[(&lora, 2.0)]).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (1, 5, 3, 2), &dev).unwrap();
+    use candle_core::Module;
+    let got = conv.forward(&x).unwrap();
+    let want4 = want.reshape((6, 5, 1, 1)).unwrap();
+    let expect = x.conv2d(&want4, 0, 1, 1, 1).unwrap();
+    assert!(max_abs(&got, &expect) < 1e-4);
+}
