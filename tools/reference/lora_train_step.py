@@ -19,6 +19,7 @@ crates/lora/tests/fixtures/train/
 Usage: .venv-ref/bin/python tools/reference/lora_train_step.py
 """
 
+import sys
 from pathlib import Path
 
 import torch
@@ -26,6 +27,9 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from peft import LoraConfig, inject_adapter_in_model
 from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lora_apply import randomise  # noqa: E402
 
 torch.set_num_threads(1)
 torch.use_deterministic_algorithms(True)
@@ -87,15 +91,7 @@ def main() -> None:
     save_file(dict(sorted(init.items())), out / "step_init.safetensors")
     save_file({k: v.contiguous() for k, v in sorted(io.items())}, out / "step_io.safetensors")
     vae = AutoencoderKL(block_out_channels=(32,), layers_per_block=1, latent_channels=4, norm_num_groups=32)
-    with torch.no_grad():
-        for name, p in sorted(vae.named_parameters()):
-            if "norm" in name and name.endswith("weight"):
-                v = 1 + 0.1 * torch.randn(p.shape, generator=gen)
-            elif name.endswith("bias") or "norm" in name:
-                v = 0.1 * torch.randn(p.shape, generator=gen)
-            else:
-                v = torch.randn(p.shape, generator=gen) / max(p[0].numel(), 1) ** 0.5
-            p.copy_(v.half().float())
+    randomise(vae, gen)
     vae.half().save_pretrained(out / "vae")
     print(f"loss {loss.item():.6f}, grad norm {grad_norm.item():.6f}, {len(targets)} modules")
 
