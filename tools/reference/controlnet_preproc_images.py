@@ -6,6 +6,8 @@ PNG files to crates/controlnet/tests/fixtures/preprocess/:
 - canny_<photo>.png            cv2.Canny(photo, 100, 200) (RGB photos as 3 channels, camera as grey)
   (faceapi1 is a JPEG: its canny agreement includes the decoders' differences)
 - annotator_canny_<photo>.png  controlnet_aux CannyDetector (HWC3, resize_image to 512, Canny 100/200)
+- webui_canny_<photo>.png      sd-webui-controlnet's canny preprocessor at 512 (resize_image_with_pad,
+                               Canny 100/200, remove_pad; re-stated below, the WebUI is not on PyPI)
 - resize_<photo>_<interp>_<w>x<h>.png  cv2.resize
 - color_<photo>_r<blur_ratio>.png      EasyPhoto's colour-map chain (scripts/easyphoto_infer.py)
 - tile_<photo>_r<rate>.png             sd-webui-controlnet tile_resample
@@ -51,6 +53,20 @@ def resize_image(image, resolution):
     return cv2.resize(image, (w, h), interpolation=cv2.INTER_LANCZOS4 if k > 1 else cv2.INTER_AREA)
 
 
+def webui_canny(image, resolution, low, high):
+    """sd-webui-controlnet scripts/processor.py: canny(img, res, thr_a, thr_b) with resize_image_with_pad."""
+    if image.ndim == 2:
+        image = np.stack([image] * 3, axis=2)  # HWC3
+    h_raw, w_raw = image.shape[:2]
+    k = float(resolution) / float(min(h_raw, w_raw))
+    interpolation = cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA
+    h_target, w_target = int(np.round(float(h_raw) * k)), int(np.round(float(w_raw) * k))
+    image = cv2.resize(image, (w_target, h_target), interpolation=interpolation)
+    pad64 = lambda x: int(np.ceil(float(x) / 64.0) * 64 - x)
+    padded = np.pad(image, [[0, pad64(h_target)], [0, pad64(w_target)], [0, 0]], mode="edge")
+    return cv2.Canny(padded, low, high)[:h_target, :w_target]
+
+
 def color_map(image, blur_ratio):
     """EasyPhoto get_controlnet_unit("color") image chain."""
     h, w = image.shape[:2]
@@ -85,6 +101,11 @@ def main():
         annotated = detector(image, low_threshold=100, high_threshold=200, detect_resolution=512, image_resolution=512)
         assert (annotated[..., 0] == annotated[..., 2]).all()
         save(f"annotator_canny_{name}.png", annotated[..., 0])
+
+    for name in ["astronaut", "camera", "mosaic"]:
+        save(f"webui_canny_{name}.png", webui_canny(photos[name] if name != "mosaic" else mosaic, 512, 100, 200))
+        save(f"webui_canny_{name}_300.png", webui_canny(photos[name] if name != "mosaic" else mosaic, 300, 100, 200))
+    save("webui_canny_astronaut_700.png", webui_canny(photos["astronaut"], 700, 100, 200))
 
     resizes = [
         ("astronaut", "cubic", 300, 200),

@@ -8,7 +8,7 @@
 
 use image::{GrayImage, ImageBuffer, Luma, Pixel, RgbImage};
 
-use super::{PreprocessError, resize_short_side};
+use super::{Interpolation, PreprocessError, resize, resize_short_side};
 
 /// controlnet_aux's `CannyDetector`: the image resized to `detect_resolution` on its short side (sides
 /// at multiples of 64, see [`resize_short_side`]), then [`canny`] on its three colour channels (no
@@ -20,6 +20,31 @@ pub fn annotate_canny(
     detect_resolution: u32,
 ) -> Result<GrayImage, PreprocessError> {
     Ok(canny(&resize_short_side(image, detect_resolution)?, low, high))
+}
+
+/// sd-webui-controlnet's `canny` preprocessor (the one EasyPhoto's WebUI units run): the image resized
+/// so its short side is `resolution` (bicubic when growing, area otherwise; sides rounded half to
+/// even), padded at the right and bottom to multiples of 64 by repeating the edge, [`canny`] on the
+/// three colour channels, and the padding cropped off. EasyPhoto: 100 / 200 at 512 (1024 for SDXL).
+pub fn annotate_canny_webui(
+    image: &RgbImage,
+    low: f32,
+    high: f32,
+    resolution: u32,
+) -> Result<GrayImage, PreprocessError> {
+    let (w, h) = image.dimensions();
+    if w == 0 || h == 0 {
+        return Err(PreprocessError::EmptySize { from: (w, h), to: (resolution, resolution) });
+    }
+    let k = f64::from(resolution) / f64::from(w.min(h));
+    let side = |s: u32| (f64::from(s) * k).round_ties_even() as u32;
+    let (tw, th) = (side(w), side(h));
+    let interpolation = if k > 1.0 { Interpolation::Cubic } else { Interpolation::Area };
+    let resized = resize(image, tw, th, interpolation)?;
+    let (pw, ph) = (tw.div_ceil(64) * 64, th.div_ceil(64) * 64);
+    let padded = RgbImage::from_fn(pw, ph, |x, y| *resized.get_pixel(x.min(tw - 1), y.min(th - 1)));
+    let edges = canny(&padded, low, high);
+    Ok(image::imageops::crop_imm(&edges, 0, 0, tw, th).to_image())
 }
 
 /// `cv2.Canny(image, low, high)` (aperture 3, L1 gradient) on an 8-bit image of any channel count.

@@ -13,7 +13,7 @@ pub mod openpose;
 pub mod resize;
 pub mod tile;
 
-pub use canny::{annotate_canny, canny};
+pub use canny::{annotate_canny, annotate_canny_webui, canny};
 pub use color::color_map;
 pub use resize::{Interpolation, resize, resize_map, resize_short_side};
 pub use tile::tile_resample;

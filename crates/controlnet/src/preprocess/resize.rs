@@ -50,7 +50,8 @@ where
     } else {
         match interpolation {
             Interpolation::Nearest => nearest(&src, dw, dh),
-            Interpolation::Cubic => separable(&src, dw, dh, Kernel::Cubic),
+            // opencv-python runs 8-bit bicubic through IPP, which equals OpenCV's float path rounded.
+            Interpolation::Cubic => separable_float(&src, dw, dh, Kernel::Cubic),
             Interpolation::Lanczos4 => separable(&src, dw, dh, Kernel::Lanczos4),
             Interpolation::Area => area(&src, dw, dh),
         }
@@ -247,13 +248,32 @@ fn separable(src: &Plane, dw: usize, dh: usize, kernel: Kernel) -> Vec<u8> {
         let rows: Vec<&[i32]> =
             (0..taps).map(|k| horizontal[clamp(y_first[dy] + k as isize, src.height)].as_slice()).collect();
         let b = &beta[dy * taps..(dy + 1) * taps];
-        let mut acc = vec![1i64 << 21; dw * cn];
+        let width = dw * cn;
+        // OpenCV's SIMD rows of the bilinear pass: 16-bit high products of (S >> 4) and the weights,
+        // then (t + 2) >> 2; the last width % 4 values, and the other filters, in 32-bit fixed point.
+        let simd = if let Kernel::AreaLinear = kernel { width / 4 * 4 } else { 0 };
+        let high = |v: i32, w: i32| ((v >> 4).clamp(-32768, 32767) * w) >> 16;
+        if simd > 0 {
+            let pairs = rows[0][..simd].iter().zip(&rows[1][..simd]);
+            out.extend(pairs.map(|(&r0, &r1)| ((high(r0, b[0]) + high(r1, b[1]) + 2) >> 2).clamp(0, 255) as u8));
+        }
+        let mut acc = vec![1i64 << 21; width - simd];
         for (row, &weight) in rows.iter().zip(b) {
-            acc.iter_mut().zip(row.iter()).for_each(|(a, &v)| *a += i64::from(v) * i64::from(weight));
+            acc.iter_mut().zip(&row[simd..]).for_each(|(a, &v)| *a += i64::from(v) * i64::from(weight));
         }
         out.extend(acc.into_iter().map(|v| (v >> 22).clamp(0, 255) as u8));
     }
     out
+}
+
+/// A separable filter in f32 with float coefficients, rounded half to even at the end.
+fn separable_float(src: &Plane, dw: usize, dh: usize, kernel: Kernel) -> Vec<u8> {
+    let cn = src.cn;
+    let planes: Vec<Vec<f32>> =
+        (0..cn).map(|c| src.data.iter().skip(c).step_by(cn).map(|&v| f32::from(v)).collect()).collect();
+    let resized: Vec<Vec<f32>> =
+        planes.iter().map(|p| separable_map(p, src.width, src.height, dw, dh, kernel)).collect();
+    (0..dw * dh).flat_map(|i| resized.iter().map(move |p| p[i].round_ties_even().clamp(0.0, 255.0) as u8)).collect()
 }
 
 /// One row of the horizontal pass for `CN` interleaved channels (a constant, so the channel loop
