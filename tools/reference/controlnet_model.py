@@ -9,7 +9,8 @@ are not zero) and rounded to float16, and records diffusers' float32 outputs:
   conditioning image is twice the latent size, like the tiny VAE's factor 2).
 - ``sdxl_controlnet/``: an SDXL-like ControlNet (``text_time`` conditioning) shaped like the tiny
   SDXL UNet but with fewer transformer layers ([0, 0, 1] instead of [1, 1, 2]), as the reduced
-  "mid" / "small" SDXL ControlNets are; hint encoder (4, 8, 8, 16) (factor 8).
+  "mid" / "small" SDXL ControlNets are; hint encoder (8, 16, 16) (factor 4, like the tiny
+  ``vae3``).
 - ``sd15_controlnet.pth``: the SD1.5-like model in the original lllyasviel layout
   (``control_model.`` + LDM UNet-encoder names, ``input_hint_block.*``, ``zero_convs.*``,
   ``middle_block_out.*``), a real torch zip pickle holding a bare state dict (float16), checked
@@ -69,7 +70,7 @@ def build_sdxl() -> ControlNetModel:
         addition_embed_type="text_time",
         addition_time_embed_dim=unet.addition_time_embed_dim,
         projection_class_embeddings_input_dim=unet.projection_class_embeddings_input_dim,
-        conditioning_embedding_out_channels=(4, 8, 8, 16),
+        conditioning_embedding_out_channels=(8, 16, 16),
         norm_num_groups=32,
     )
     duv.randomise_(cn, 7201)
@@ -174,7 +175,7 @@ def main() -> None:
     sdxl = build_sdxl()
     duv.save_diffusers_folder(sdxl, OUT / "sdxl_controlnet")
     files += [OUT / "sdxl_controlnet" / "config.json", OUT / "sdxl_controlnet" / duv.WEIGHTS_FILE]
-    io = run(sdxl, load_unet("sdxl"), 7210, (2, 4, 16, 8), (2, 3, 128, 64), text_time=True)
+    io = run(sdxl, load_unet("sdxl"), 7210, (2, 4, 16, 8), (2, 3, 64, 32), text_time=True)
     duv.save_tensors(OUT / "sdxl_controlnet_io.safetensors", io)
     files.append(OUT / "sdxl_controlnet_io.safetensors")
 

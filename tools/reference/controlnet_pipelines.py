@@ -8,6 +8,10 @@ on the tiny components (UNet ``sd15`` and ``vae`` of crates/diffusion/tests/fixt
 
 - ``txt2img_two_units``: MultiControlNet of the tiny ControlNet twice, with two control images,
   scales (0.7, 0.4) and guidance windows (0, 1) / (0.25, 0.75); initial latents given.
+- ``sdxl_guess_mode``: ``StableDiffusionXLControlNetPipeline`` (UNet ``sdxl``, VAE ``vae3``, the tiny
+  ``sdxl_controlnet``), 64×32, ``guess_mode=True`` (the ControlNet sees the conditional rows of
+  ``text_embeds`` / ``time_ids`` only), scale 0.9, guidance window (0, 0.75), micro-conditioning
+  original (80, 48), crop (4, 2), target (64, 32); initial latents given.
 - ``inpaint_guess_mode``: the inpaint pipeline with the ordinary (4-channel) UNet, strength 0.75,
   ``guess_mode=True``, scale 0.8. Its three random draws (the VAE posterior of the image, the
   add_noise noise, the VAE posterior of the masked image) are made by a stand-in for
@@ -40,6 +44,7 @@ from diffusers import (  # noqa: E402
     DDIMScheduler,
     StableDiffusionControlNetInpaintPipeline,
     StableDiffusionControlNetPipeline,
+    StableDiffusionXLControlNetPipeline,
     UNet2DConditionModel,
 )
 import diffusers.models.autoencoders.vae  # noqa: E402,F401
@@ -51,6 +56,7 @@ ROOT = HERE.parent.parent
 DIFFUSION = ROOT / "crates" / "diffusion" / "tests" / "fixtures"
 OUT = ROOT / "crates" / "controlnet" / "tests" / "fixtures" / "pipelines"
 CONTROLNET = ROOT / "crates" / "controlnet" / "tests" / "fixtures" / "sd15_controlnet"
+CONTROLNET_XL = ROOT / "crates" / "controlnet" / "tests" / "fixtures" / "sdxl_controlnet"
 
 torch.use_deterministic_algorithms(True)
 torch.set_num_threads(1)
@@ -170,6 +176,36 @@ def main() -> None:
     assert sorted(draws.named) == ["add_noise", "posterior_image", "posterior_masked_image"], sorted(draws.named)
     t.update(draws.named)
     files.append(OUT / "inpaint_guess_mode.safetensors")
+    save_file({k: v.contiguous() for k, v in sorted(t.items())}, str(files[-1]))
+
+    # ---------------------------------------------------------------- SDXL txt2img, guess mode
+    s = 83000
+    unet_xl = load(UNet2DConditionModel, DIFFUSION / "sdxl")
+    vae3 = load(AutoencoderKL, DIFFUSION / "vae3")
+    cn_xl = load(ControlNetModel, CONTROLNET_XL)
+    t = {
+        "prompt_embeds": randn(s + 1, (1, SEQ, 64)),
+        "negative_prompt_embeds": randn(s + 2, (1, SEQ, 64)),
+        "pooled_prompt_embeds": randn(s + 3, (1, 32)),
+        "negative_pooled_prompt_embeds": randn(s + 4, (1, 32)),
+        "latents": randn(s + 5, (1, 4, 16, 8)),
+    }
+    g = torch.Generator().manual_seed(s + 6)
+    coarse = torch.rand((1, 3, 4, 3), generator=g, dtype=torch.float32)
+    t["control_image"] = F.interpolate(coarse, size=(64, 32), mode="bilinear", align_corners=False).clamp(0, 1).contiguous()
+    pipe = StableDiffusionXLControlNetPipeline(
+        vae=vae3, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, unet=unet_xl,
+        controlnet=cn_xl, scheduler=DDIMScheduler(**SCHED), add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    t.update(run(pipe, dict(
+        prompt_embeds=t["prompt_embeds"], negative_prompt_embeds=t["negative_prompt_embeds"],
+        pooled_prompt_embeds=t["pooled_prompt_embeds"], negative_pooled_prompt_embeds=t["negative_pooled_prompt_embeds"],
+        latents=t["latents"].clone(), image=t["control_image"], height=64, width=32, num_inference_steps=8,
+        guidance_scale=5.0, controlnet_conditioning_scale=0.9, guess_mode=True, control_guidance_end=0.75,
+        original_size=(80, 48), crops_coords_top_left=(4, 2), target_size=(64, 32),
+    )))
+    files.append(OUT / "sdxl_guess_mode.safetensors")
     save_file({k: v.contiguous() for k, v in sorted(t.items())}, str(files[-1]))
 
     for p in files:
