@@ -78,7 +78,9 @@ impl ControlUnit {
     }
 
     /// Whether the unit acts at step `step` (0-based) of `total`: diffusers' rule, off when
-    /// `step / total < guidance_start` or `(step + 1) / total > guidance_end`.
+    /// `step / total < guidance_start` or `(step + 1) / total > guidance_end`. (The WebUI compares
+    /// `step / total` with both ends; the two agree on the full window EasyPhoto uses, and differ
+    /// by at most the last step of a window that ends early.)
     pub fn is_active(&self, step: usize, total: usize) -> bool {
         let total = total.max(1) as f64;
         !((step as f64) / total < self.guidance_start || (step as f64 + 1.0) / total > self.guidance_end)
