@@ -132,13 +132,14 @@ pub fn box_blur<T: BlurSample>(src: &Plane<T>, kw: u32, kh: u32) -> Result<Plane
     // Row sums over each horizontal window, then column sums of those.
     let mut rows = vec![0f64; w * h];
     let xs: Vec<usize> = window_indices(w, kw);
-    for y in 0..h {
-        let line = &src[y * w..(y + 1) * w];
-        let mut sum: f64 = xs[..kw].iter().map(|&i| line[i].to_f64().unwrap_or(0.0)).sum();
-        rows[y * w] = sum;
-        for x in 1..w {
-            sum += line[xs[x + kw - 1]].to_f64().unwrap_or(0.0) - line[xs[x - 1]].to_f64().unwrap_or(0.0);
-            rows[y * w + x] = sum;
+    let mut padded = vec![0f64; xs.len()];
+    for (line, out) in src.chunks_exact(w).zip(rows.chunks_exact_mut(w)) {
+        padded.iter_mut().zip(&xs).for_each(|(p, &i)| *p = line[i].to_f64().unwrap_or(0.0));
+        let mut sum: f64 = padded[..kw].iter().sum();
+        out[0] = sum;
+        for (x, o) in out.iter_mut().enumerate().skip(1) {
+            sum += padded[x + kw - 1] - padded[x - 1];
+            *o = sum;
         }
     }
     // Column sums carried down the image, one row at a time (OpenCV's `ColumnSum`).
