@@ -3,7 +3,7 @@ writes crates/face/tests/fixtures/morphology.safetensors.
 
 Masks:
 * `person`: the person mask of astronaut.png (160x160 around its outline) from the MediaPipe selfie segmenter
-  (`/work/shared/assets/models/human/human_selfie.onnx`, 256x256, probability > 0.5 -> 255);
+  (`crates/face/assets/human/human_selfie.onnx`, 256x256, probability > 0.5 -> 255);
 * `box`: EasyPhoto's box mask (255 inside a safe box that touches the image border), 100x120.
 
 Operations (OpenCV 5.0.0; EasyPhoto's calls in scripts/easyphoto_infer.py): cv2.dilate / cv2.erode
@@ -24,7 +24,7 @@ from safetensors.numpy import save_file
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "crates/face/tests/fixtures/morphology.safetensors"
-SELFIE = Path("/work/shared/assets/models/human/human_selfie.onnx")
+SELFIE = ROOT / "crates/face/assets/human/human_selfie.onnx"
 
 
 def person_mask():
