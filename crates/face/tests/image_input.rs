@@ -34,10 +34,11 @@ fn exif_rotated_jpegs_match_pillow() -> anyhow::Result<()> {
     let fixture = Fixture::open("image_inputs.safetensors")?;
     for name in ["exif_orientation_3.jpg", "exif_orientation_6.jpg", "exif_orientation_8.jpg"] {
         let img = load_rgb(image_file(name))?;
-        // zune-jpeg and libjpeg differ by a few levels in chroma upsampling at the cell edges; a
-        // wrong orientation would put cells 60+ levels apart.
+        // zune-jpeg and libjpeg differ by up to 2 levels here (IDCT and chroma upsampling); a wrong
+        // orientation would put cells 60+ levels apart.
         let diff = max_diff_to_expected(&fixture, name, &img)?;
-        assert!(diff <= 12, "{name}: max diff {diff}");
+        eprintln!("{name}: max difference to Pillow {diff}");
+        assert!(diff <= 4, "{name}: max diff {diff}");
     }
     Ok(())
 }
