@@ -2,8 +2,9 @@
 //!
 //! Parameters keep EasyPhoto's names: a config file (`--config`, TOML or JSON) and `--set
 //! name=value` override any field of [`TrainConfig`] / [`InferConfig`]. `train` and `infer` check
-//! their inputs (user ids, photos, templates, models) and then stop with
-//! [`PipelineError::NotImplemented`] until the flows land.
+//! their inputs (user ids, photos, templates, models) before any work starts. `train` runs the
+//! [train flow](crate::train) (`--resume` continues a stopped one); `infer` still stops with
+//! [`PipelineError::NotImplemented`].
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -16,6 +17,7 @@ use crate::error::{PipelineError, Result};
 use crate::jobs::{InferJob, TrainJob, Workspace};
 use crate::models::{self, DEFAULT_ENDPOINT, Flow, Manifest, ModelFile, Verification};
 use crate::progress::{CancelToken, Observer};
+use crate::train::{TrainComponents, resume_user, train_user};
 use crate::user::{UserId, UserStore};
 
 /// EasyPhoto in Rust: train a face LoRA from photos of a person, then paint them into templates.
@@ -101,8 +103,11 @@ pub struct TrainArgs {
     #[arg(long)]
     pub user_id: String,
     /// A folder of 5 to 20 photos of the person (.jpg, .jpeg, .png).
+    #[arg(long, required_unless_present = "resume")]
+    pub photos: Option<PathBuf>,
+    /// Continue the stopped training of this user from its last checkpoint (same parameters).
     #[arg(long)]
-    pub photos: PathBuf,
+    pub resume: bool,
     #[command(flatten)]
     pub config: ConfigArgs,
 }
@@ -129,7 +134,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write, observer: &dyn Observer, cancel: &Can
         Command::Models(ModelsCommand::List(sel)) => list(cli, &manifest, sel, out),
         Command::Models(ModelsCommand::Fetch(sel)) => fetch(cli, &manifest, sel, out, observer, cancel),
         Command::Models(ModelsCommand::Verify(sel)) => verify(cli, &manifest, sel, out, observer, cancel),
-        Command::Train(args) => train(cli, &manifest, args),
+        Command::Train(args) => train(cli, &manifest, args, out, observer, cancel),
         Command::Infer(args) => infer(cli, &manifest, args),
     }
 }
@@ -253,17 +258,55 @@ fn workspace(cli: &Cli) -> Workspace {
     Workspace { store: UserStore::new(&cli.root), models_dir: cli.models_dir.clone(), endpoint: cli.endpoint.clone() }
 }
 
-fn train(cli: &Cli, manifest: &Manifest, args: &TrainArgs) -> Result<()> {
+fn train(
+    cli: &Cli,
+    manifest: &Manifest,
+    args: &TrainArgs,
+    out: &mut dyn Write,
+    observer: &dyn Observer,
+    cancel: &CancelToken,
+) -> Result<()> {
     let id = UserId::new(&args.user_id)?;
     let config: TrainConfig = load_config(args.config.config.as_deref(), &args.config.set)?;
-    let job = TrainJob::check(&workspace(cli), manifest, id, &args.photos, config)?;
-    Err(PipelineError::NotImplemented {
-        stage: format!(
-            "the train flow (preprocessing, LoRA training, validation, fusion) for {} photos, {} steps",
-            job.photos.len(),
-            job.train_steps
+    let ws = workspace(cli);
+    let (dtype, device) = (candle_core::DType::F32, candle_core::Device::Cpu);
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let outcome = if args.resume {
+        config.validate()?;
+        ws.store.read_info(&id)?;
+        let mut components =
+            TrainComponents::from_models_dir(manifest, &ws.models_dir, &config, &ws.endpoint, dtype, &device, threads)?;
+        resume_user(&ws.store, &id, &config, &mut components, observer, cancel)?
+    } else {
+        let photos = args.photos.as_deref().ok_or_else(|| PipelineError::InvalidParameter {
+            field: "photos".into(),
+            reason: "a folder of photos is needed (or --resume)".into(),
+        })?;
+        let job = TrainJob::check(&ws, manifest, id, photos, config)?;
+        let mut components = TrainComponents::from_models_dir(
+            manifest,
+            &ws.models_dir,
+            &job.config,
+            &ws.endpoint,
+            dtype,
+            &device,
+            threads,
+        )?;
+        train_user(&ws.store, &job.user_id, &job.photos, &job.config, &mut components, observer, cancel)?
+    };
+    print(
+        out,
+        format_args!(
+            "trained {:?}: {} of {} photos, {} steps; LoRA {} (checkpoints {:?}); best face {}",
+            outcome.info.user_id,
+            outcome.info.photos_kept,
+            outcome.info.photos_uploaded,
+            outcome.info.max_train_steps,
+            outcome.lora.display(),
+            outcome.info.fused_steps,
+            outcome.best_face.display()
         ),
-    })
+    )
 }
 
 fn infer(cli: &Cli, manifest: &Manifest, args: &InferArgs) -> Result<()> {

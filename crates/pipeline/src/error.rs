@@ -76,6 +76,18 @@ pub enum PipelineError {
     #[error(transparent)]
     Face(#[from] easyphoto_face::FaceError),
 
+    #[error(transparent)]
+    Diffusion(Box<easyphoto_diffusion::DiffusionError>),
+
+    #[error(transparent)]
+    Lora(Box<easyphoto_lora::LoraError>),
+
+    #[error("tensor operation failed during {stage}: {source}")]
+    Tensor { stage: String, source: Box<candle_core::Error> },
+
+    #[error("{path}: a face was found in {found} of the photos, at least {minimum} are needed; no face in: {}", skipped.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
+    TooFewFaces { path: PathBuf, found: usize, minimum: usize, skipped: Vec<PathBuf> },
+
     #[error("not yet implemented in this build: {stage}")]
     NotImplemented { stage: String },
 }
@@ -90,6 +102,18 @@ fn missing_models_message(models_dir: &std::path::Path, missing: &[MissingModel]
         text.push_str(&format!("\n  - {} ({}): {}\n      from {}", m.name, m.role, m.path.display(), m.url));
     }
     text
+}
+
+impl From<easyphoto_diffusion::DiffusionError> for PipelineError {
+    fn from(e: easyphoto_diffusion::DiffusionError) -> Self {
+        Self::Diffusion(Box::new(e))
+    }
+}
+
+impl From<easyphoto_lora::LoraError> for PipelineError {
+    fn from(e: easyphoto_lora::LoraError) -> Self {
+        Self::Lora(Box::new(e))
+    }
 }
 
 /// The crate's result type.

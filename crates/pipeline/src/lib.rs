@@ -5,6 +5,8 @@
 //!   on-disk layout, and atomic writes.
 //! - [`original_backup`]: the first training step, the uploaded photos saved EXIF-transposed as RGB JPEGs.
 //! - [`training_set`]: the processed crops, captions and `metadata.jsonl`, written and read back.
+//! - [`train`]: the train flow, photos to the user's final LoRA and best face (its steps in
+//!   `train/`: preprocess, validation, face_id_score, fuse).
 //! - [`models`]: the manifest of every model file the flows need, resolved under a models
 //!   directory, with `verify` and the offline check.
 //! - [`download`]: resumable, checked downloads of manifest files (Hugging Face URL scheme).
@@ -23,6 +25,7 @@ pub mod jobs;
 pub mod models;
 pub mod original_backup;
 pub mod progress;
+pub mod train;
 pub mod training_set;
 pub mod user;
 
@@ -32,4 +35,5 @@ pub use error::{PipelineError, Result};
 pub use jobs::{InferJob, TrainJob, Workspace};
 pub use models::{Flow, Manifest, MissingModel, ModelFile, Verification};
 pub use progress::{CancelToken, Observer, Progress, Silent};
+pub use train::{BaseModel, TrainComponents, TrainOutcome, resume_user, train_user};
 pub use user::{UserId, UserInfo, UserStore, write_atomic};

@@ -89,7 +89,7 @@ fn stage(result: easyphoto_pipeline::Result<String>) -> String {
 }
 
 #[test]
-fn train_checks_its_inputs_then_stops_at_the_flow() {
+fn train_checks_its_inputs_then_loads_the_models() {
     let s = Setup::new(6);
     s.models(Flow::Train);
     std::fs::write(s.path("train.toml"), "rank = 64\nnetwork_alpha = 32\nsteps_per_photos = 50\n").unwrap();
@@ -107,12 +107,14 @@ fn train_checks_its_inputs_then_stops_at_the_flow() {
         "max_train_steps=200",
     ];
     let before = s.files();
-    let text = stage(s.run(&args));
-    assert!(text.contains("6 photos, 200 steps"), "{text}");
-    let args =
-        ["train", "--user-id", "王小明", "--photos", photos.to_str().unwrap(), "--config", config.to_str().unwrap()];
-    assert!(stage(s.run(&args)).contains("6 photos, 300 steps"));
-    assert_eq!(s.files(), before, "validation writes nothing");
+    // The inputs pass; the placeholder model files are then refused, naming the file.
+    let err = s.run(&args).unwrap_err();
+    assert!(matches!(err, PipelineError::Face(_) | PipelineError::Diffusion(_)), "{err:?}");
+    assert!(err.to_string().contains("training_templates") || err.to_string().contains("Stable-diffusion"), "{err}");
+    assert_eq!(s.files(), before, "nothing is written before the models load");
+    // `--resume` needs a user that exists.
+    let err = s.run(&["train", "--user-id", "王小明", "--resume"]).unwrap_err();
+    assert!(matches!(err, PipelineError::Read { .. }), "{err:?}");
 }
 
 #[test]

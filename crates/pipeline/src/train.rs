@@ -1,0 +1,416 @@
+//! EasyPhoto's train flow (anatomy §1), composed from the other crates and readable top to
+//! bottom in [`train_user`]:
+//!
+//! 1. the photos, EXIF-transposed, backed up as RGB JPEGs ([`original_backup`](crate::original_backup));
+//! 2. [`preprocess`]: face detection, identity ranking (top 15) and the reference photo (roll angle
+//!    × identity), 3× crops, saliency ∩ widened box on white;
+//! 3. the training set written with the fixed caption ([`training_set`](crate::training_set));
+//! 4. LoRA training ([`easyphoto_lora::train`]), with [`validation`] at every checkpoint;
+//! 5. [`face_id_score`]: each validation image against the training faces;
+//! 6. [`fuse`]: the element-wise mean of the checkpoints of the best validation images, and the
+//!    best face image.
+//!
+//! Every file lands at its place of the [user layout](crate::user) through atomic writes.
+//! Progress goes to an [`Observer`]; the [`CancelToken`] is polled between photos, optimizer
+//! steps and sampler steps. A cancelled or killed run continues with [`resume_user`] (the
+//! trainer's resumable state, then the validations that are missing).
+//!
+//! Not available here: EasyPhoto's skin retouching and GPEN portrait enhancement of small crops
+//! (ModelScope models without a portable export); `skin_retouching_bool` is reported as skipped.
+
+pub mod face_id_score;
+pub mod fuse;
+pub mod preprocess;
+pub mod validation;
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use easyphoto_diffusion::text_encoding::{Encoder, Layer, PromptEncoder, TextEncoders};
+use easyphoto_diffusion::{
+    AutoencoderKL, CLIPTextModel, ClipTokenizer, ModelFamily, PadToken, SingleFile, StableDiffusion, TextEncoderSlot,
+    UNet2DConditionModel, diffusers_folder,
+};
+use easyphoto_face::{ArcFace, FaceDetector, FaceEmbedder, Scrfd, Segmenter, U2Net};
+use easyphoto_lora::{KohyaLora, Targets, TrainImage, TrainModels};
+use image::RgbImage;
+
+use crate::config::TrainConfig;
+use crate::error::{PipelineError, Result};
+use crate::models::{Flow, Manifest};
+use crate::original_backup::save_original_backup;
+use crate::progress::{CancelToken, Observer, Progress};
+use crate::training_set::{load_training_set, save_training_set};
+use crate::user::{UserId, UserInfo, UserStore, write_atomic};
+
+/// Progress stage of the LoRA training (one step per optimizer step).
+pub const TRAIN_STAGE: &str = "train";
+
+/// The SD1.x base model that is trained and sampled: its parts kept apart, because training
+/// adapts the UNet and the text encoder while validation samples from fresh copies.
+#[derive(Debug, Clone)]
+pub struct BaseModel {
+    pub unet: UNet2DConditionModel,
+    pub vae: AutoencoderKL,
+    pub text_encoder: CLIPTextModel,
+    pub tokenizer: ClipTokenizer,
+    /// A1111's clip skip (1 = off).
+    pub clip_skip: usize,
+    /// The scheduler settings samplers take their betas from.
+    pub scheduler_config: serde_json::Value,
+    /// The checkpoint's file name, recorded in `user.json`.
+    pub name: String,
+}
+
+impl BaseModel {
+    /// Loads an SD1.x single-file checkpoint or diffusers folder; other families are refused
+    /// (EasyPhoto rejects SD2; its SDXL LoRAs are a separate recipe).
+    pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let name = path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+        let not_sd1 = |family: ModelFamily| PipelineError::InvalidInput {
+            path: path.to_path_buf(),
+            reason: format!("a {family:?} checkpoint; face LoRAs are trained on SD1.x"),
+        };
+        if path.is_dir() {
+            if path.join("text_encoder_2").is_dir() {
+                return Err(not_sd1(ModelFamily::Sdxl));
+            }
+            let sd = StableDiffusion::from_diffusers_folder(path, 1, dtype, device)?;
+            if sd.family != ModelFamily::Sd1 {
+                return Err(not_sd1(sd.family));
+            }
+            return Ok(Self {
+                unet: sd.unet,
+                vae: sd.vae,
+                text_encoder: diffusers_folder::load_clip_text_model(&path.join("text_encoder"), None, dtype, device)?,
+                tokenizer: ClipTokenizer::from_folder(path.join("tokenizer"))?,
+                clip_skip: 1,
+                scheduler_config: sd.scheduler_config,
+                name,
+            });
+        }
+        let file = SingleFile::open(path)?;
+        let family = file.family()?;
+        if family != ModelFamily::Sd1 {
+            return Err(not_sd1(family));
+        }
+        let slot = TextEncoderSlot::TextEncoder;
+        Ok(Self {
+            unet: file.load_unet(&file.unet_config()?, dtype, device)?,
+            vae: file.load_vae(&file.vae_config()?, dtype, device)?,
+            text_encoder: file.load_text_encoder(slot, &file.text_encoder_config(slot)?, dtype, device)?,
+            tokenizer: ClipTokenizer::embedded(PadToken::EndOfText)?,
+            clip_skip: 1,
+            scheduler_config: serde_json::json!({
+                "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                "beta_schedule": "scaled_linear", "steps_offset": 1, "prediction_type": "epsilon",
+            }),
+            name,
+        })
+    }
+
+    /// A sampling model of these weights with `lora` merged at multiplier 1 (EasyPhoto's
+    /// validation: a fresh copy of the base with the current LoRA merged). The base is untouched.
+    pub fn with_lora(&self, lora: Option<&KohyaLora>) -> Result<StableDiffusion> {
+        let (mut unet, mut text_encoder) = (self.unet.clone(), self.text_encoder.clone());
+        if let Some(lora) = lora {
+            let mut targets =
+                Targets { unet: Some(&mut unet), text_encoder: Some(&mut text_encoder), ..Default::default() };
+            let (_merged, reports) = easyphoto_lora::merge(&mut targets, &[(lora, 1.0)])?;
+            reports.iter().try_for_each(|r| r.ensure_complete())?;
+        }
+        Ok(StableDiffusion {
+            unet,
+            vae: self.vae.clone(),
+            text_encoders: TextEncoders::new(vec![PromptEncoder {
+                tokenizer: self.tokenizer.clone(),
+                encoder: Encoder::Plain(text_encoder),
+                layer: Layer::Normed { skip: self.clip_skip },
+            }])?,
+            family: ModelFamily::Sd1,
+            scheduler_config: self.scheduler_config.clone(),
+        })
+    }
+}
+
+/// Everything the train flow runs besides the parameters.
+pub struct TrainComponents {
+    pub base: BaseModel,
+    pub detector: Box<dyn FaceDetector>,
+    pub embedder: Box<dyn FaceEmbedder>,
+    /// Saliency of the training crops (EasyPhoto: U²-Net).
+    pub segmenter: Box<dyn Segmenter>,
+    /// Validation templates (EasyPhoto's `training_templates/1..4.jpg`), with their names.
+    pub templates: Vec<(String, RgbImage)>,
+}
+
+impl TrainComponents {
+    /// The train flow's models under `models_dir`, as the manifest places them (refusing with the
+    /// offline error that lists what is missing): the base checkpoint (`config.sd_model_checkpoint`
+    /// when that is an existing path, otherwise that file name beside the default base), SCRFD,
+    /// ArcFace, U²-Net and the four validation templates. ONNX models run on `threads` threads.
+    pub fn from_models_dir(
+        manifest: &Manifest,
+        models_dir: &Path,
+        config: &TrainConfig,
+        endpoint: &str,
+        dtype: DType,
+        device: &Device,
+        threads: usize,
+    ) -> Result<Self> {
+        manifest.require(models_dir, Some(Flow::Train), endpoint)?;
+        let path = |name: &str| manifest.get(name).map(|m| m.local_path(models_dir));
+        let named = Path::new(&config.sd_model_checkpoint);
+        let base = if named.exists() {
+            named.to_path_buf()
+        } else {
+            let default = path("chilloutmix")?;
+            default.parent().unwrap_or(models_dir).join(&config.sd_model_checkpoint)
+        };
+        let templates = (1..=4)
+            .map(|k| {
+                let file = path(&format!("template-{k}"))?;
+                Ok((format!("{k}.jpg"), easyphoto_face::load_rgb(&file)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            base: BaseModel::load(&base, dtype, device)?,
+            detector: Box::new(Scrfd::load(path("scrfd-10g")?, threads)?),
+            embedder: Box::new(ArcFace::load(path("arcface-r50")?, threads)?),
+            segmenter: Box::new(U2Net::load(path("u2net")?, threads)?),
+            templates,
+        })
+    }
+}
+
+/// What a finished training produced.
+#[derive(Debug, Clone)]
+pub struct TrainOutcome {
+    pub info: UserInfo,
+    /// The final (fused) LoRA, what inference loads.
+    pub lora: PathBuf,
+    /// The best validation face (or the best training crop when there is no scored validation image).
+    pub best_face: PathBuf,
+    /// Every validation image with its face-identity score (`None`: no face found in it).
+    pub scores: Vec<face_id_score::Scored>,
+}
+
+/// Trains user `id` from `photos` (paths of images, EXIF-transposed on reading). The id must be
+/// new (see [`TrainJob`](crate::jobs::TrainJob) for the full input checks).
+pub fn train_user(
+    store: &UserStore,
+    id: &UserId,
+    photos: &[PathBuf],
+    config: &TrainConfig,
+    components: &mut TrainComponents,
+    observer: &dyn Observer,
+    cancel: &CancelToken,
+) -> Result<TrainOutcome> {
+    config.validate()?;
+    store.check_new(id)?;
+    let seed = if config.seed < 0 { rand::random_range(1..1_000_000) } else { config.seed as u64 };
+
+    // Until training starts, a failure removes the new user's folder, so the id stays free.
+    let prepared = prepare(store, id, photos, config, seed, components, observer, cancel);
+    let info = match prepared {
+        Ok(info) => info,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(store.user_dir(id));
+            return Err(e);
+        }
+    };
+
+    // 4.–6. Training with validation, scores, fusion.
+    finish(store, id, info, config, components, observer, cancel)
+}
+
+/// Continues a cancelled or killed training of `id` from its last checkpoint (same parameters),
+/// then validates what was not validated and fuses.
+pub fn resume_user(
+    store: &UserStore,
+    id: &UserId,
+    config: &TrainConfig,
+    components: &mut TrainComponents,
+    observer: &dyn Observer,
+    cancel: &CancelToken,
+) -> Result<TrainOutcome> {
+    config.validate()?;
+    let info = store.read_info(id)?;
+    finish(store, id, info, config, components, observer, cancel)
+}
+
+/// Steps 1 to 3: backups, preprocessing, reference photo, training set and `user.json`.
+#[allow(clippy::too_many_arguments)]
+fn prepare(
+    store: &UserStore,
+    id: &UserId,
+    photos: &[PathBuf],
+    config: &TrainConfig,
+    seed: u64,
+    components: &TrainComponents,
+    observer: &dyn Observer,
+    cancel: &CancelToken,
+) -> Result<UserInfo> {
+    // 1. The uploads, EXIF-transposed RGB JPEGs; the rest of the flow reads these backups.
+    let backups = save_original_backup(store, id, photos, observer, cancel)?;
+    let images = backups.iter().map(easyphoto_face::load_rgb).collect::<std::result::Result<Vec<_>, _>>()?;
+
+    // 2. Faces, identity ranking, reference photo, crops on white.
+    if config.skin_retouching_bool {
+        let message = "skin retouching is not available in this build; crops are not retouched";
+        observer.progress(Progress { stage: preprocess::STAGE, step: 0, total: None, message });
+    }
+    let pre = preprocess::preprocess(
+        &images,
+        photos,
+        config,
+        components.detector.as_ref(),
+        components.embedder.as_ref(),
+        components.segmenter.as_ref(),
+        observer,
+        cancel,
+    )?;
+    let reference = &backups[pre.reference];
+    let bytes = std::fs::read(reference).map_err(|source| PipelineError::Read { path: reference.clone(), source })?;
+    write_atomic(&store.reference_image(id), &bytes)?;
+
+    // 3. The training set with EasyPhoto's fixed caption.
+    save_training_set(store, id, &pre.crops, &config.validation_prompt)?;
+    let info = UserInfo {
+        user_id: id.as_str().to_string(),
+        sd_model_checkpoint: components.base.name.clone(),
+        photos_uploaded: photos.len(),
+        photos_kept: pre.crops.len(),
+        max_train_steps: config.train_steps(pre.crops.len()),
+        seed,
+        fused_steps: vec![],
+        best_face_score: None,
+    };
+    store.write_info(id, &info)?;
+    Ok(info)
+}
+
+/// Steps 4 to 6, shared by a fresh and a resumed run.
+fn finish(
+    store: &UserStore,
+    id: &UserId,
+    mut info: UserInfo,
+    config: &TrainConfig,
+    components: &mut TrainComponents,
+    observer: &dyn Observer,
+    cancel: &CancelToken,
+) -> Result<TrainOutcome> {
+    let set = load_training_set(store, id)?;
+    let data = set
+        .iter()
+        .map(|(image, caption)| {
+            Ok(TrainImage { image: image.clone(), input_ids: components.base.tokenizer.encode_padded(caption)? })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let crops: Vec<RgbImage> = set.into_iter().map(|(image, _)| image).collect();
+    let templates = if config.validation {
+        validation::prepare_templates(&components.templates, config, components.detector.as_ref())?
+    } else {
+        vec![]
+    };
+
+    // 4. LoRA training; every checkpoint is validated on a fresh copy of the base model.
+    let frozen = components.base.clone();
+    let lora_config = lora_config(config, &info);
+    let weights_dir = store.weights_dir(id);
+    let mut failure: Option<PipelineError> = None;
+    {
+        let mut on_checkpoint = |path: &Path, step: usize| {
+            if failure.is_none()
+                && let Err(e) = validation::validate_checkpoint(
+                    store,
+                    id,
+                    &frozen,
+                    path,
+                    step as u32,
+                    &templates,
+                    config,
+                    info.seed,
+                    observer,
+                    cancel,
+                )
+            {
+                failure = Some(e);
+            }
+        };
+        let mut on_step = |p: &easyphoto_lora::Progress| {
+            let message = format!("loss {:.4}", p.loss);
+            let event = Progress {
+                stage: TRAIN_STAGE,
+                step: p.step as u64,
+                total: Some(p.max_steps as u64),
+                message: &message,
+            };
+            observer.progress(event);
+            if cancel.is_cancelled() { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+        };
+        let base = &mut components.base;
+        let models = TrainModels { unet: &mut base.unet, text_encoder: &mut base.text_encoder, vae: &base.vae };
+        let callbacks =
+            easyphoto_lora::Callbacks { progress: Some(&mut on_step), checkpoint: Some(&mut on_checkpoint) };
+        let trained = easyphoto_lora::train(models, &data, &lora_config, &weights_dir, callbacks);
+        match trained {
+            Err(easyphoto_lora::LoraError::Cancelled { .. }) => {
+                return Err(failure.take().unwrap_or(PipelineError::Cancelled { stage: TRAIN_STAGE.into() }));
+            }
+            Err(e) => return Err(failure.take().unwrap_or(e.into())),
+            Ok(_) => {}
+        }
+    }
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let checkpoints = fuse::checkpoints(&weights_dir)?;
+    // A resumed run validates the checkpoints written before it was stopped.
+    for (step, path) in &checkpoints {
+        if templates.iter().enumerate().any(|(k, _)| !store.validation_image(id, *step, k).is_file()) {
+            validation::validate_checkpoint(
+                store, id, &frozen, path, *step, &templates, config, info.seed, observer, cancel,
+            )?;
+        }
+    }
+
+    // 5. Face-identity score of every validation image against the training faces.
+    let images: Vec<(u32, usize, PathBuf)> = checkpoints
+        .iter()
+        .flat_map(|(step, _)| (0..templates.len()).map(move |k| (*step, k, store.validation_image(id, *step, k))))
+        .collect();
+    let scores = face_id_score::score_validation(
+        &crops,
+        &images,
+        components.detector.as_ref(),
+        components.embedder.as_ref(),
+        observer,
+        cancel,
+    )?;
+
+    // 6. The final LoRA and the best face image.
+    let fused = fuse::fuse(store, id, &checkpoints, &scores, &crops, config.top_merge as usize)?;
+    info.fused_steps = fused.steps;
+    info.best_face_score = fused.best_score;
+    store.write_info(id, &info)?;
+    Ok(TrainOutcome { info, lora: store.lora_path(id), best_face: store.best_face_image(id), scores })
+}
+
+/// The trainer's recipe from the flow's parameters (EasyPhoto's names).
+fn lora_config(config: &TrainConfig, info: &UserInfo) -> easyphoto_lora::TrainConfig {
+    easyphoto_lora::TrainConfig {
+        rank: config.rank as usize,
+        network_alpha: config.network_alpha as f32,
+        unet_lr: config.learning_rate,
+        text_encoder_lr: config.learning_rate / 2.0,
+        train_batch_size: config.train_batch_size as usize,
+        gradient_accumulation_steps: config.gradient_accumulation_steps as usize,
+        max_train_steps: Some(info.max_train_steps as usize),
+        checkpointing_steps: config.val_and_checkpointing_steps as usize,
+        resolution: config.resolution,
+        seed: info.seed,
+        ..easyphoto_lora::TrainConfig::default()
+    }
+}

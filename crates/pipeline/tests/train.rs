@@ -1,0 +1,437 @@
+//! The train flow end to end on tiny random SD1.5 components (the diffusion crate's fixtures)
+//! with the real face models (built-in MTCNN, Human's faceres, the selfie segmenter) on real
+//! photos (the face crate's test assets: the astronaut photo, five copies seen differently, and
+//! a face of another person from a face-api group photo). Needs ORT_DYLIB_PATH (tools/test.sh).
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Tensor};
+use easyphoto_diffusion::{ClipTokenizer, UNetConditioning, diffusers_folder};
+use easyphoto_face::geometry::roll_score;
+use easyphoto_face::ranking::rank_photos;
+use easyphoto_face::{FaceDetector, FaceEmbedder, FaceRes, HumanSelfie, Mtcnn, warp_affine};
+use easyphoto_lora::{Targets, load_lora};
+use easyphoto_pipeline::train::face_id_score::identity_score;
+use easyphoto_pipeline::train::{fuse, preprocess};
+use easyphoto_pipeline::{
+    BaseModel, CancelToken, PipelineError, Progress, Silent, TrainComponents, TrainConfig, UserId, UserStore,
+    resume_user, train_user,
+};
+use image::{RgbImage, imageops};
+
+fn crate_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn diffusion_fixture(name: &str) -> PathBuf {
+    crate_dir().join("../diffusion/tests/fixtures").join(name)
+}
+
+fn face_asset(name: &str) -> PathBuf {
+    crate_dir().join("../face/tests/assets").join(name)
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("pipeline_train").join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Tiny random SD1.5 parts with the real layouts (UNet 32/64/64, VAE 32/64, CLIP 32-d, 1000 tokens).
+fn tiny_base() -> BaseModel {
+    let dev = Device::Cpu;
+    BaseModel {
+        unet: diffusers_folder::load_unet(&diffusion_fixture("sd15"), None, DType::F32, &dev).unwrap(),
+        vae: diffusers_folder::load_vae(&diffusion_fixture("vae"), None, DType::F32, &dev).unwrap(),
+        text_encoder: diffusers_folder::load_clip_text_model(&diffusion_fixture("clip_l"), None, DType::F32, &dev)
+            .unwrap(),
+        tokenizer: ClipTokenizer::from_folder(diffusion_fixture("tokenizer/folder_vocab_merges")).unwrap(),
+        clip_skip: 1,
+        scheduler_config: serde_json::json!({"beta_start": 0.00085, "beta_end": 0.012,
+            "beta_schedule": "scaled_linear", "steps_offset": 1, "num_train_timesteps": 1000}),
+        name: "tiny-sd15".into(),
+    }
+}
+
+fn astronaut() -> RgbImage {
+    easyphoto_face::load_rgb(face_asset("astronaut.png")).unwrap()
+}
+
+/// The left-most face of `img`, cropped `ratio` box sizes wide.
+fn face_crop(img: &RgbImage, ratio: f64) -> RgbImage {
+    let faces = Mtcnn::new(1).unwrap().detect(img).unwrap();
+    let (_, bx) = preprocess::left_most(&faces, ratio, img.width(), img.height()).unwrap();
+    easyphoto_face::geometry::crop(img, bx)
+}
+
+/// Another person: the left-most face of a face-api group photo, cropped 3× around it.
+fn other_person() -> RgbImage {
+    face_crop(&easyphoto_face::load_rgb(face_asset("faceapi_sample1.jpg")).unwrap(), 3.0)
+}
+
+/// The astronaut photo as five uploads: itself, mirrored, brighter, rotated 8° and re-framed.
+fn astronaut_photos() -> Vec<RgbImage> {
+    let base = astronaut();
+    let (w, h) = base.dimensions();
+    let brighter = RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb(base.get_pixel(x, y).0.map(|v| (f32::from(v) * 1.2).min(255.0) as u8))
+    });
+    let (a, cx, cy) = (8f64.to_radians(), f64::from(w) / 2.0, f64::from(h) / 2.0);
+    let (c, s) = (a.cos(), a.sin());
+    let rotated = warp_affine(&base, &[[c, s, (1.0 - c) * cx - s * cy], [-s, c, s * cx + (1.0 - c) * cy]], w, h);
+    let inner = imageops::crop_imm(&base, 40, 0, 400, 400).to_image();
+    let reframed = imageops::resize(&inner, 360, 360, imageops::FilterType::Triangle);
+    vec![base.clone(), imageops::flip_horizontal(&base), brighter, rotated, reframed]
+}
+
+fn write_photos(dir: &Path, photos: &[RgbImage]) -> Vec<PathBuf> {
+    std::fs::create_dir_all(dir).unwrap();
+    photos
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let path = dir.join(format!("{i:02}.png"));
+            p.save(&path).unwrap();
+            path
+        })
+        .collect()
+}
+
+/// Validation templates are tight face crops, so that their faces are found at 64 px.
+fn components() -> TrainComponents {
+    let template_1 = face_crop(&astronaut(), 1.8);
+    let template_2 = face_crop(&easyphoto_face::load_rgb(face_asset("faceapi_sample1.jpg")).unwrap(), 1.8);
+    TrainComponents {
+        base: tiny_base(),
+        detector: Box::new(Mtcnn::new(1).unwrap()),
+        embedder: Box::new(FaceRes::load(face_asset("human_faceres.onnx"), 1).unwrap()),
+        segmenter: Box::new(HumanSelfie::new(1).unwrap()),
+        templates: vec![("astronaut".into(), template_1), ("other".into(), template_2)],
+    }
+}
+
+/// A few steps with two validation rounds (steps 2 and 4) of 4 sampler steps, tiny rank, 32²
+/// training crops (validation at 64²).
+fn config() -> TrainConfig {
+    TrainConfig {
+        resolution: 32,
+        max_train_steps: 4,
+        val_and_checkpointing_steps: 2,
+        rank: 4,
+        network_alpha: 2,
+        learning_rate: 1e-3,
+        validation_inference_steps: 4,
+        seed: 7,
+        skin_retouching_bool: false,
+        ..TrainConfig::default()
+    }
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap();
+    d.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+}
+
+fn unet_output(unet: &easyphoto_diffusion::UNet2DConditionModel) -> Tensor {
+    let dev = Device::Cpu;
+    let x = (Tensor::arange(0f32, 1024.0, &dev).unwrap().reshape((1, 4, 16, 16)).unwrap() * 0.37).unwrap();
+    let x = x.sin().unwrap();
+    let context = Tensor::arange(0f32, (77 * 32) as f32, &dev).unwrap().reshape((1, 77, 32)).unwrap();
+    let context = (context * 1e-3).unwrap().cos().unwrap();
+    let t = Tensor::new(&[500f32], &dev).unwrap();
+    unet.forward(&x, &t, &context, &UNetConditioning::default()).unwrap()
+}
+
+#[test]
+fn trains_five_photos_validates_twice_fuses_and_resumes_to_the_same_lora() {
+    let dir = temp_dir("e2e");
+    let photos = write_photos(&dir.join("photos"), &astronaut_photos());
+    let store = UserStore::new(dir.join("root"));
+    let id = UserId::new("宇航员").unwrap();
+    let events = Mutex::new(Vec::<(String, u64)>::new());
+    let observer = |e: Progress<'_>| events.lock().unwrap().push((e.stage.to_string(), e.step));
+    let mut comps = components();
+    let out = train_user(&store, &id, &photos, &config(), &mut comps, &observer, &CancelToken::new()).unwrap();
+
+    // Files at the documented places.
+    for i in 0..5 {
+        assert!(store.original_photo(&id, i).is_file());
+        assert!(store.processed_image(&id, i).is_file(), "crop {i}");
+        assert_eq!(std::fs::read_to_string(store.caption(&id, i)).unwrap(), "easyphoto_face, easyphoto, 1person");
+    }
+    for step in [2, 4] {
+        assert!(store.checkpoint(&id, step).is_file());
+        for k in 0..2 {
+            assert!(store.validation_image(&id, step, k).is_file(), "validation {step}/{k}");
+        }
+    }
+    assert!(!store.checkpoint(&id, 3).exists());
+    assert_eq!(out.lora, store.lora_path(&id));
+    assert!(out.lora.is_file() && out.best_face.is_file() && store.reference_image(&id).is_file());
+    store.check_ready(&id).unwrap();
+    let info = store.read_info(&id).unwrap();
+    assert_eq!((info.photos_uploaded, info.photos_kept, info.max_train_steps, info.seed), (5, 5, 4, 7));
+    assert_eq!(info, out.info);
+    assert_eq!(out.scores.len(), 4);
+    let stages: Vec<String> = events.lock().unwrap().iter().map(|(s, _)| s.clone()).collect();
+    for stage in ["original_backup", "preprocess", "train", "validation", "face_id_score"] {
+        assert!(stages.iter().any(|s| s == stage), "no progress from {stage}");
+    }
+    let train_steps: Vec<u64> = events.lock().unwrap().iter().filter(|(s, _)| s == "train").map(|(_, n)| *n).collect();
+    assert_eq!(train_steps, vec![1, 2, 3, 4]);
+
+    // The random tiny model paints no face, so no validation image scores and the fusion falls
+    // back to the last checkpoint, as EasyPhoto does.
+    println!("scores: {:?}", out.scores.iter().map(|s| s.score).collect::<Vec<_>>());
+    let expected_steps: Vec<u32> = match fuse::top_scored(&out.scores, 10).as_slice() {
+        [] => vec![4],
+        top => top.iter().map(|s| s.step).collect(),
+    };
+    assert_eq!(info.fused_steps, expected_steps);
+
+    // The LoRA loads through the lora crate, covers the UNet and the text encoder, and changes the
+    // tiny UNet's output.
+    let lora = load_lora(&out.lora, &Device::Cpu).unwrap();
+    let checkpoints = fuse::checkpoints(&store.weights_dir(&id)).unwrap();
+    let expected = fuse::average_checkpoints(&checkpoints, &info.fused_steps).unwrap();
+    let mut worst = 0f32;
+    for (name, m) in lora.modules() {
+        let e = expected.get(name).unwrap();
+        worst = worst.max(max_abs(&m.down, &e.down)).max(max_abs(&m.up, &e.up));
+    }
+    println!("fused LoRA vs element-wise mean of its checkpoints: max abs {worst:e}");
+    assert!(worst <= 1e-3);
+    let names: Vec<&str> = lora.modules().map(|(n, _)| n).collect();
+    assert!(names.iter().any(|n| n.starts_with("lora_unet_")) && names.iter().any(|n| n.starts_with("lora_te_")));
+    let mut unet = tiny_base().unet;
+    let before = unet_output(&unet);
+    let mut targets = Targets { unet: Some(&mut unet), ..Default::default() };
+    let (_merged, reports) = easyphoto_lora::merge(&mut targets, &[(&lora, 1.0)]).unwrap();
+    assert!(reports[0].applied > 0);
+    let change = max_abs(&unet_output(&unet), &before);
+    println!("UNet output change with the user's LoRA: {change:e}");
+    assert!(change > 1e-5, "{change}");
+
+    // Each crop holds the face, on white outside the face mask.
+    let mtcnn = Mtcnn::new(1).unwrap();
+    for i in 0..5 {
+        let crop = easyphoto_face::load_rgb(store.processed_image(&id, i)).unwrap();
+        assert!(!mtcnn.detect(&crop).unwrap().is_empty(), "no face in crop {i}");
+        let white = crop.pixels().filter(|p| p.0.iter().all(|&c| c >= 250)).count();
+        assert!(white * 10 > crop.len() / 3, "crop {i}: {white} white pixels");
+    }
+
+    // The reference photo is the largest roll score × identity score over the backups.
+    let faceres = FaceRes::load(face_asset("human_faceres.onnx"), 1).unwrap();
+    let (mut embeddings, mut rolls) = (vec![], vec![]);
+    for i in 0..5 {
+        let img = easyphoto_face::load_rgb(store.original_photo(&id, i)).unwrap();
+        let faces = mtcnn.detect(&img).unwrap();
+        let (face, _) = preprocess::left_most(&faces, 3.0, img.width(), img.height()).unwrap();
+        rolls.push(roll_score(&face.landmarks));
+        embeddings.push(faceres.embed(&img, &face).unwrap());
+    }
+    let ranking = rank_photos(&embeddings, &rolls, 15).unwrap();
+    println!("roll scores {rolls:?}, reference {}", ranking.reference);
+    assert_ne!(ranking.reference, 3, "the rotated photo has the worst roll score");
+    assert_eq!(
+        std::fs::read(store.reference_image(&id)).unwrap(),
+        std::fs::read(store.original_photo(&id, ranking.reference)).unwrap()
+    );
+
+    // Fusion with scores: the top 3 are steps 2, 2 and 4, so checkpoint 2 counts twice.
+    use easyphoto_pipeline::train::face_id_score::Scored;
+    let scored = |step: u32, template: usize, score: Option<f32>| Scored {
+        step,
+        template,
+        path: store.validation_image(&id, step, template),
+        score,
+    };
+    let scores = [scored(2, 0, Some(0.7)), scored(2, 1, Some(0.9)), scored(4, 0, None), scored(4, 1, Some(0.5))];
+    let fused_id = UserId::new("fused").unwrap();
+    let fused = fuse::fuse(&store, &fused_id, &checkpoints, &scores, &[], 3).unwrap();
+    assert_eq!((fused.steps.clone(), fused.best_score), (vec![2, 2, 4], Some(0.9)));
+    assert_eq!(
+        std::fs::read(store.best_face_image(&fused_id)).unwrap(),
+        std::fs::read(store.validation_image(&id, 2, 1)).unwrap()
+    );
+    let (c2, c4) = (
+        load_lora(store.checkpoint(&id, 2), &Device::Cpu).unwrap(),
+        load_lora(store.checkpoint(&id, 4), &Device::Cpu).unwrap(),
+    );
+    let mean = |a: &Tensor, b: &Tensor| {
+        let (a, b) = (a.to_dtype(DType::F32).unwrap(), b.to_dtype(DType::F32).unwrap());
+        ((a * 2.0).unwrap() + b).unwrap() / 3.0
+    };
+    let fused_lora = load_lora(store.lora_path(&fused_id), &Device::Cpu).unwrap();
+    let mut worst = 0f32;
+    for (name, m) in fused_lora.modules() {
+        let (a, b) = (c2.get(name).unwrap(), c4.get(name).unwrap());
+        worst = worst.max(max_abs(&m.down, &mean(&a.down, &b.down).unwrap()));
+        worst = worst.max(max_abs(&m.up, &mean(&a.up, &b.up).unwrap()));
+        assert_eq!(m.alpha, a.alpha);
+    }
+    println!("fused top-3 vs (2·c2 + c4)/3: max abs {worst:e}");
+    assert!(worst <= 1e-3, "{worst}");
+
+    // Cancelled after step 2, then resumed: the same checkpoints, validation images and LoRA.
+    let other = UserId::new("resumed").unwrap();
+    let cancel = CancelToken::new();
+    let stopper = cancel.clone();
+    let stop_at_2 = move |e: Progress<'_>| {
+        if e.stage == "train" && e.step == 2 {
+            stopper.cancel();
+        }
+    };
+    let err = train_user(&store, &other, &photos, &config(), &mut components(), &stop_at_2, &cancel).unwrap_err();
+    assert!(matches!(err, PipelineError::Cancelled { .. }), "{err:?}");
+    assert!(store.checkpoint(&other, 2).is_file() && !store.checkpoint(&other, 4).exists());
+    let resumed = resume_user(&store, &other, &config(), &mut components(), &Silent, &CancelToken::new()).unwrap();
+    assert_eq!(resumed.info.fused_steps, info.fused_steps);
+    for (a, b) in [
+        (store.validation_image(&id, 2, 1), store.validation_image(&other, 2, 1)),
+        (store.validation_image(&id, 4, 0), store.validation_image(&other, 4, 0)),
+    ] {
+        assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap(), "{} vs {}", a.display(), b.display());
+    }
+    // safetensors headers may order their metadata differently: compare the tensors.
+    for (a, b) in
+        [(store.checkpoint(&id, 4), store.checkpoint(&other, 4)), (store.lora_path(&id), store.lora_path(&other))]
+    {
+        let (a, b) = (load_lora(&a, &Device::Cpu).unwrap(), load_lora(&b, &Device::Cpu).unwrap());
+        assert_eq!(a.len(), b.len());
+        for (name, m) in a.modules() {
+            let n = b.get(name).unwrap();
+            assert_eq!((max_abs(&m.down, &n.down), max_abs(&m.up, &n.up), m.alpha), (0.0, 0.0, n.alpha), "{name}");
+        }
+    }
+}
+
+#[test]
+fn the_ranking_drops_another_person_and_faceless_photos_are_skipped() {
+    let dir = temp_dir("ranking");
+    let mut photos = astronaut_photos();
+    photos.push(other_person());
+    photos.push(RgbImage::from_fn(200, 160, |x, y| image::Rgb([x as u8, y as u8, 128])));
+    let names = write_photos(&dir, &photos);
+    let comps = components();
+    let config = TrainConfig { max_training_photos: 5, ..config() };
+    let pre = preprocess::preprocess(
+        &photos,
+        &names,
+        &config,
+        comps.detector.as_ref(),
+        comps.embedder.as_ref(),
+        comps.segmenter.as_ref(),
+        &Silent,
+        &CancelToken::new(),
+    )
+    .unwrap();
+    println!("id scores {:?}, kept {:?}", pre.id_scores, pre.kept);
+    assert_eq!(pre.no_face, vec![6]);
+    let mut kept = pre.kept.clone();
+    kept.sort();
+    assert_eq!(kept, vec![0, 1, 2, 3, 4], "the other person (5) is dropped");
+    let other = pre.id_scores.iter().find(|(i, _)| *i == 5).unwrap().1;
+    assert!(pre.id_scores.iter().filter(|(i, _)| *i != 5).all(|(_, s)| *s > other + 0.05), "{:?}", pre.id_scores);
+    assert_eq!(pre.crops.len(), 5);
+
+    // Only faceless photos: a typed error naming them.
+    let blank = vec![photos[6].clone(), photos[6].clone()];
+    let err = preprocess::preprocess(
+        &blank,
+        &names[5..7],
+        &config,
+        comps.detector.as_ref(),
+        comps.embedder.as_ref(),
+        comps.segmenter.as_ref(),
+        &Silent,
+        &CancelToken::new(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, PipelineError::TooFewFaces { found: 0, .. }), "{err:?}");
+    assert!(err.to_string().contains("06.png"), "{err}");
+}
+
+#[test]
+fn identity_scores_rank_the_same_person_above_another() {
+    let comps = components();
+    let face = |img: &RgbImage| {
+        easyphoto_pipeline::train::face_id_score::face_embedding(img, comps.detector.as_ref(), comps.embedder.as_ref())
+            .unwrap()
+            .unwrap()
+    };
+    let photos = astronaut_photos();
+    let references: Vec<Vec<f32>> = photos[1..].iter().map(&face).collect();
+    let same = identity_score(&face(&photos[0]), &references).unwrap();
+    let other = identity_score(&face(&other_person()), &references).unwrap();
+    println!("mean identity score: same person {same:.3}, other person {other:.3}");
+    assert!(same > 0.8 && other < 0.6, "{same} {other}");
+    assert_eq!(identity_score(&[1.0], &[]), None);
+    let nothing = RgbImage::from_pixel(64, 64, image::Rgb([255, 255, 255]));
+    assert!(
+        easyphoto_pipeline::train::face_id_score::face_embedding(
+            &nothing,
+            comps.detector.as_ref(),
+            comps.embedder.as_ref()
+        )
+        .unwrap()
+        .is_none()
+    );
+}
+
+#[test]
+fn bad_inputs_are_typed_errors_and_leave_nothing_behind() {
+    let dir = temp_dir("bad");
+    let root = dir.join("root");
+    let store = UserStore::new(&root);
+    assert!(matches!(UserId::new("../../etc"), Err(PipelineError::InvalidUserId { .. })));
+    assert!(matches!(UserId::new("a/b"), Err(PipelineError::InvalidUserId { .. })));
+
+    // Too few photos for the job check.
+    let few = write_photos(&dir.join("few"), &astronaut_photos()[..3]);
+    let ws = easyphoto_pipeline::Workspace {
+        store: store.clone(),
+        models_dir: dir.join("models"),
+        endpoint: "http://127.0.0.1:9".into(),
+    };
+    let manifest = easyphoto_pipeline::Manifest::embedded().unwrap();
+    let err = easyphoto_pipeline::TrainJob::check(
+        &ws,
+        &manifest,
+        UserId::new("x").unwrap(),
+        few[0].parent().unwrap(),
+        TrainConfig::default(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, PipelineError::TooFewPhotos { found: 3, minimum: 5, .. }), "{err:?}");
+
+    // Faceless photos: the flow stops before training, names them, and leaves no user behind.
+    let blank: Vec<RgbImage> =
+        (0..5).map(|k| RgbImage::from_fn(96, 80, |x, y| image::Rgb([x as u8, y as u8, 40 * k as u8]))).collect();
+    let blank = write_photos(&dir.join("blank"), &blank);
+    let id = UserId::new("nobody").unwrap();
+    for _ in 0..2 {
+        let err =
+            train_user(&store, &id, &blank, &config(), &mut components(), &Silent, &CancelToken::new()).unwrap_err();
+        assert!(matches!(err, PipelineError::TooFewFaces { found: 0, .. }), "{err:?}");
+        assert!(err.to_string().contains("04.png"), "{err}");
+        assert!(walk(&root).is_empty(), "{:?}", walk(&root));
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = vec![];
+    let Ok(entries) = std::fs::read_dir(dir) else { return files };
+    for entry in entries {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
