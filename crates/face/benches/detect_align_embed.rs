@@ -51,6 +51,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::hint::black_box(embedder.embed_aligned_batch(&crops)?);
         Ok((faces.len(), [detected, aligned - detected, start.elapsed().as_secs_f64() - aligned]))
     };
+    if args.iter().any(|a| a == "--align-only") {
+        // Micro-benchmark of one step: 1000 ArcFace crops of the first face.
+        let face = detector.detect(&img)?[0];
+        let start = Instant::now();
+        for _ in 0..1000 {
+            std::hint::black_box(norm_crop(&img, &face.landmarks, 112)?);
+        }
+        println!("{{\"norm_crop_ms\": {:.4}}}", start.elapsed().as_secs_f64());
+        return Ok(());
+    }
     let (faces, _) = run()?; // warm-up
     let mut times: Vec<[f64; 3]> = (0..runs).map(|_| run().map(|(_, t)| t)).collect::<Result<_, _>>()?;
     times.sort_by(|a, b| a.iter().sum::<f64>().total_cmp(&b.iter().sum()));

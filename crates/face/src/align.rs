@@ -184,20 +184,33 @@ impl Warp<'_> {
             // SAFETY: the CPU supports FMA, the only feature `row_fma` enables.
             return unsafe { self.row_fma(y, row) };
         }
-        self.row_with(y, row, |a, x, c| (f64::from(a) * f64::from(x) + f64::from(c)) as f32);
+        self.row_channels(y, row, |a, x, c| (f64::from(a) * f64::from(x) + f64::from(c)) as f32);
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "fma")]
     fn row_fma(&self, y: usize, row: &mut [u8]) {
-        self.row_with(y, row, f32::mul_add);
+        self.row_channels(y, row, f32::mul_add);
     }
 
-    /// The row kernel; `fma(a, x, c)` is `a·x + c` rounded once (the f64 product of two f32 is
-    /// exact, so the portable version rounds once too, barring double rounding).
+    /// Dispatches to a kernel specialised for the channel count.
     #[inline(always)]
-    fn row_with(&self, y: usize, row: &mut [u8], fma: impl Fn(f32, f32, f32) -> f32) {
-        let (src, src_w, src_h, channels) = (self.src, self.src_w, self.src_h, self.channels);
+    fn row_channels(&self, y: usize, row: &mut [u8], fma: impl Fn(f32, f32, f32) -> f32 + Copy) {
+        match self.channels {
+            1 => self.row_with::<1>(y, row, fma),
+            3 => self.row_with::<3>(y, row, fma),
+            4 => self.row_with::<4>(y, row, fma),
+            _ => self.row_with::<0>(y, row, fma),
+        }
+    }
+
+    /// The row kernel for `C` channels (0: any, read from `self`); `fma(a, x, c)` is `a·x + c`
+    /// rounded once (the f64 product of two f32 is exact, so the portable version rounds once
+    /// too, barring double rounding).
+    #[inline(always)]
+    fn row_with<const C: usize>(&self, y: usize, row: &mut [u8], fma: impl Fn(f32, f32, f32) -> f32 + Copy) {
+        let (src, src_w, src_h) = (self.src, self.src_w, self.src_h);
+        let channels = if C == 0 { self.channels } else { C };
         let stride = src_w as usize * channels;
         let lerp = |t: f32, a: f32, b: f32| fma(t, b - a, a);
         let sample = |x: i64, y: i64, c: usize| -> f32 {
@@ -221,12 +234,23 @@ impl Warp<'_> {
             if ix >= 0 && iy >= 0 && ix + 1 < src_w && iy + 1 < src_h {
                 // Fast path: the whole 2×2 neighbourhood is inside.
                 let base = iy as usize * stride + ix as usize * channels;
-                let (top, bottom) =
-                    (&src[base..base + 2 * channels], &src[base + stride..base + stride + 2 * channels]);
-                for (c, value) in px.iter_mut().enumerate() {
-                    let t = lerp(ax, f32::from(top[c]), f32::from(top[channels + c]));
-                    let b = lerp(ax, f32::from(bottom[c]), f32::from(bottom[channels + c]));
-                    *value = to_u8(lerp(ay, t, b));
+                if C > 0 {
+                    let quad = |at: usize| -> [u8; C] { src[at..at + C].try_into().expect("C values") };
+                    let (p00, p01, p10, p11) =
+                        (quad(base), quad(base + C), quad(base + stride), quad(base + stride + C));
+                    for c in 0..C {
+                        let t = lerp(ax, f32::from(p00[c]), f32::from(p01[c]));
+                        let b = lerp(ax, f32::from(p10[c]), f32::from(p11[c]));
+                        px[c] = to_u8(lerp(ay, t, b));
+                    }
+                } else {
+                    let (top, bottom) =
+                        (&src[base..base + 2 * channels], &src[base + stride..base + stride + 2 * channels]);
+                    for (c, value) in px.iter_mut().enumerate() {
+                        let t = lerp(ax, f32::from(top[c]), f32::from(top[channels + c]));
+                        let b = lerp(ax, f32::from(bottom[c]), f32::from(bottom[channels + c]));
+                        *value = to_u8(lerp(ay, t, b));
+                    }
                 }
                 continue;
             }
