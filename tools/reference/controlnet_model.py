@@ -15,6 +15,10 @@ are not zero) and rounded to float16, and records diffusers' float32 outputs:
   (``control_model.`` + LDM UNet-encoder names, ``input_hint_block.*``, ``zero_convs.*``,
   ``middle_block_out.*``), a real torch zip pickle holding a bare state dict (float16), checked
   against diffusers' own ``convert_controlnet_checkpoint``.
+- ``full_size_layouts.json``: the key names and shapes (no weights) of a full-size SD 1.5 ControlNet
+  in the original layout (``control_model.`` keys) and of an SDXL-width ControlNet with reduced
+  depth in the diffusers layout, with their diffusers configs: the tests rebuild weightless
+  (sparse) files from them to check the config inference and key mapping at real sizes.
 - ``<m>_io.safetensors``: inputs, every residual, guess-mode residuals and the UNet output with the
   residuals (the tiny UNet of crates/diffusion/tests/fixtures).
 
@@ -24,6 +28,7 @@ Run: .venv-ref/bin/python tools/reference/controlnet_model.py   (byte-stable; CP
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 from pathlib import Path
 
@@ -80,28 +85,10 @@ def build_sdxl() -> ControlNetModel:
 def original_layout(cn: ControlNetModel) -> dict:
     """The lllyasviel layout of a diffusers ControlNet state dict (with `control_model.`)."""
     sd = {k: v.detach().to(torch.float16).contiguous() for k, v in cn.state_dict().items()}
-    encoder = {k: v for k, v in sd.items() if not k.startswith("controlnet_")}
-    layout = ldm_layout.unet_ldm_layout(encoder)  # ldm key -> (diffusers key, shape)
-    out = {ldm_key: sd[dk].reshape(shape) for ldm_key, (dk, shape) in layout.items()}
     hint = cn.config.conditioning_embedding_out_channels
     num_blocks = 2 * (len(hint) - 1)
-    for k, v in sd.items():
-        if k.startswith("controlnet_cond_embedding."):
-            rest = k[len("controlnet_cond_embedding.") :]
-            module, param = rest.rsplit(".", 1)
-            if module == "conv_in":
-                index = 0
-            elif module == "conv_out":
-                index = 2 * (num_blocks + 1)
-            else:
-                index = 2 * (int(module.split(".")[1]) + 1)
-            out[f"input_hint_block.{index}.{param}"] = v
-        elif k.startswith("controlnet_down_blocks."):
-            i, param = k[len("controlnet_down_blocks.") :].split(".")
-            out[f"zero_convs.{i}.0.{param}"] = v
-        elif k.startswith("controlnet_mid_block."):
-            out[f"middle_block_out.0.{k.rsplit('.', 1)[1]}"] = v
-    assert len(out) == len(sd), (len(out), len(sd))
+    names = original_names(sd, num_blocks)
+    out = {k: sd[dk].reshape(shape) if shape is not None else sd[dk] for k, (dk, shape) in names.items()}
     original = {f"control_model.{k}": out[k] for k in sorted(out)}
     # diffusers' own converter must give the diffusers weights back, bit for bit. It hard-codes the
     # hint encoder of the released models (conv_out at input_hint_block.14), so the tiny (8, 16)
@@ -114,6 +101,60 @@ def original_layout(cn: ControlNetModel) -> dict:
         sd = {k: v for k, v in sd.items() if not k.startswith(hint_out)}
     ldm_layout.assert_state_dicts_equal(back, sd, "convert_controlnet_checkpoint(original layout)")
     return original
+
+
+def original_names(sd: dict, hint_blocks: int) -> dict:
+    """Original (lllyasviel) key (without `control_model.`) -> (diffusers key, LDM shape or None
+    for "as stored") for a diffusers ControlNet state dict; `hint_blocks` convs sit between the
+    hint encoder's conv_in and conv_out."""
+    encoder = {k: v for k, v in sd.items() if not k.startswith("controlnet_")}
+    layout = ldm_layout.unet_ldm_layout(encoder)  # ldm key -> (diffusers key, shape)
+    out = {ldm_key: (dk, shape) for ldm_key, (dk, shape) in layout.items()}
+    for k in sd:
+        if k.startswith("controlnet_cond_embedding."):
+            module, param = k[len("controlnet_cond_embedding.") :].rsplit(".", 1)
+            if module == "conv_in":
+                index = 0
+            elif module == "conv_out":
+                index = 2 * (hint_blocks + 1)
+            else:
+                index = 2 * (int(module.split(".")[1]) + 1)
+            out[f"input_hint_block.{index}.{param}"] = (k, None)
+        elif k.startswith("controlnet_down_blocks."):
+            i, param = k[len("controlnet_down_blocks.") :].split(".")
+            out[f"zero_convs.{i}.0.{param}"] = (k, None)
+        elif k.startswith("controlnet_mid_block."):
+            out[f"middle_block_out.0.{k.rsplit('.', 1)[1]}"] = (k, None)
+    assert len(out) == len(sd), (len(out), len(sd))
+    return out
+
+
+def full_size_layouts() -> dict:
+    """Key names and shapes of full-size ControlNets (built on the meta device: no weights)."""
+    with torch.device("meta"):
+        sd15 = ControlNetModel(cross_attention_dim=768)  # lllyasviel/control_v11p_sd15_canny's config
+        sdxl = ControlNetModel(
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            block_out_channels=(320, 640, 1280),
+            transformer_layers_per_block=[0, 1, 1],
+            attention_head_dim=[5, 10, 20],
+            cross_attention_dim=2048,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+        )
+    sd = {k: list(v.shape) for k, v in sd15.state_dict().items()}
+    original = {f"control_model.{k}": list(shape) if shape is not None else sd[dk]
+                for k, (dk, shape) in original_names(sd, 6).items()}
+    config = lambda m: {k: v for k, v in dict(m.config).items() if not k.startswith("_")}  # noqa: E731
+    return {
+        "sd15_original": {"config": config(sd15), "shapes": dict(sorted(original.items()))},
+        "sdxl_reduced_diffusers": {
+            "config": config(sdxl),
+            "shapes": {k: list(v.shape) for k, v in sorted(sdxl.state_dict().items())},
+        },
+    }
 
 
 def run(cn: ControlNetModel, unet: UNet2DConditionModel, seed: int, sample_shape, image_shape, text_time: bool) -> dict:
@@ -171,6 +212,10 @@ def main() -> None:
     pth = OUT / "sd15_controlnet.pth"
     torch.save(original, str(pth))
     files.append(pth)
+
+    layouts = OUT / "full_size_layouts.json"
+    layouts.write_text(json.dumps(full_size_layouts(), indent=1, sort_keys=True) + "\n")
+    files.append(layouts)
 
     sdxl = build_sdxl()
     duv.save_diffusers_folder(sdxl, OUT / "sdxl_controlnet")

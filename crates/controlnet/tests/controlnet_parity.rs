@@ -261,3 +261,77 @@ fn diffusers_folder_with_only_the_fp16_variant_loads() {
     let model = load_controlnet(dir.path(), None, DType::F32, &Device::Cpu).unwrap();
     check_residuals("fp16 variant folder", &forward(&model, &t), &t, "");
 }
+
+/// A weightless (sparse, all-zero) float16 safetensors file with the given keys and shapes.
+fn sparse_checkpoint(
+    dir: &Path,
+    name: &str,
+    shapes: &serde_json::Map<String, serde_json::Value>,
+) -> std::path::PathBuf {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (key, shape) in shapes {
+        let dims: Vec<usize> = serde_json::from_value(shape.clone()).unwrap();
+        let bytes = 2 * dims.iter().product::<usize>();
+        header.insert(
+            key.clone(),
+            serde_json::json!({"dtype": "F16", "shape": dims, "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
+    }
+    let mut text = serde_json::Value::Object(header).to_string().into_bytes();
+    text.resize(text.len().div_ceil(8) * 8, b' ');
+    let path = dir.join(name);
+    let mut file = std::fs::File::create(&path).unwrap();
+    std::io::Write::write_all(&mut file, &(text.len() as u64).to_le_bytes()).unwrap();
+    std::io::Write::write_all(&mut file, &text).unwrap();
+    file.set_len((8 + text.len() + offset) as u64).unwrap();
+    path
+}
+
+/// The fields the inference reads off shapes, and per attention level the heads and depth.
+fn assert_same_architecture(inferred: &ControlNetConfig, real: &ControlNetConfig) {
+    assert_eq!(inferred.block_out_channels, real.block_out_channels);
+    assert_eq!(inferred.down_block_types, real.down_block_types);
+    assert_eq!(inferred.layers_per_block, real.layers_per_block);
+    assert_eq!(inferred.cross_attention_dim, real.cross_attention_dim);
+    assert_eq!(inferred.use_linear_projection, real.use_linear_projection);
+    assert_eq!(inferred.conditioning_embedding_out_channels, real.conditioning_embedding_out_channels);
+    assert_eq!(inferred.addition_embed_type, real.addition_embed_type);
+    assert_eq!(inferred.addition_time_embed_dim, real.addition_time_embed_dim);
+    assert_eq!(inferred.projection_class_embeddings_input_dim, real.projection_class_embeddings_input_dim);
+    let n = real.block_out_channels.len();
+    let heads =
+        |c: &ControlNetConfig| c.num_attention_heads.as_ref().unwrap_or(&c.attention_head_dim).expand(n).unwrap();
+    let depth = |c: &ControlNetConfig| c.transformer_layers_per_block.expand(n).unwrap();
+    for (i, kind) in real.down_block_types.iter().enumerate() {
+        if kind == "CrossAttnDownBlock2D" {
+            assert_eq!(heads(inferred)[i], heads(real)[i], "heads of level {i}");
+            assert_eq!(depth(inferred)[i], depth(real)[i], "transformer depth of level {i}");
+        }
+    }
+}
+
+#[test]
+fn config_inference_fits_full_size_layouts() {
+    // Key names and shapes of a full-size SD 1.5 ControlNet (original layout, as
+    // control_v11p_sd15_canny.pth) and of an SDXL-width reduced-depth one (diffusers layout).
+    let text = std::fs::read_to_string(fixtures().join("full_size_layouts.json")).unwrap();
+    let layouts: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (name, original) in [("sd15_original", true), ("sdxl_reduced_diffusers", false)] {
+        let real: ControlNetConfig = serde_json::from_value(layouts[name]["config"].clone()).unwrap();
+        let path =
+            sparse_checkpoint(dir.path(), &format!("{name}.safetensors"), layouts[name]["shapes"].as_object().unwrap());
+        let weights = Weights::open(&path).unwrap();
+        let inferred = if original {
+            infer_original_config(&weights, "control_model.").unwrap()
+        } else {
+            infer_diffusers_config(&weights).unwrap()
+        };
+        assert_same_architecture(&inferred, &real);
+    }
+    // Every key of the full-size original layout found, every shape right (float16, no weights).
+    let sd15 = dir.path().join("sd15_original.safetensors");
+    load_controlnet(&sd15, None, DType::F16, &Device::Cpu).unwrap();
+}
