@@ -1,6 +1,7 @@
 //! Times one full-size SD 1.5 ControlNet forward (random weights; batch 2 for classifier-free
 //! guidance, 64×64 latents, 77 text tokens, a 512² conditioning image) and prints the median of
-//! the timed runs as one JSON line. `tools/reference/controlnet_bench.py` is the diffusers side.
+//! the timed runs (wall and process CPU time) as one JSON line; `EASYPHOTO_PROFILE=1` adds the
+//! per-op table of each run. `tools/reference/controlnet_bench.py` is the diffusers side.
 //!
 //! ```sh
 //! RAYON_NUM_THREADS=2 cargo bench -p easyphoto-controlnet --bench controlnet_forward -- 3
@@ -12,16 +13,8 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use easyphoto_controlnet::{ControlNetConfig, ControlNetModel};
 use easyphoto_diffusion::UNetConditioning;
+use easyphoto_diffusion::cpu::profile;
 use easyphoto_diffusion::weights::random_var_builder;
-
-/// CPU time (user + system) this process has used, in seconds (Linux `/proc/self/stat`, at the
-/// usual 100 ticks per second). Less sensitive than wall time to other processes on a shared machine.
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit_once(')').map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
-    (ticks(11) + ticks(12)) / 100.0
-}
 
 fn main() -> anyhow::Result<()> {
     // `cargo bench` passes `--bench`; the first number on the command line is the run count.
@@ -40,10 +33,14 @@ fn main() -> anyhow::Result<()> {
     run()?;
     let (mut times, mut cpu) = (vec![], vec![]);
     for _ in 0..runs {
-        let (start, cpu_start) = (Instant::now(), cpu_seconds());
+        profile::reset();
+        let (start, cpu_start) = (Instant::now(), profile::process_cpu_time());
         run()?;
         times.push(start.elapsed().as_secs_f64());
-        cpu.push(cpu_seconds() - cpu_start);
+        cpu.push((profile::process_cpu_time() - cpu_start).as_secs_f64());
+        if profile::enabled() {
+            eprintln!("{}", profile::report(start.elapsed()));
+        }
     }
     let median = |v: &[f64]| {
         let mut v = v.to_vec();
