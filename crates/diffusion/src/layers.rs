@@ -73,6 +73,9 @@ impl Module for Linear {
         // input here; copying costs nothing for the usual contiguous input.
         let _p = crate::cpu::profile::scope_flops("linear", 2.0 * (x.elem_count() * self.weight().dim(0)?) as f64);
         let x = &x.contiguous()?;
+        if let Some(y) = frozen(x, self.weight(), self.bias(), || Frozen::Linear)? {
+            return add_adapters(y, x, &self.adapters);
+        }
         let y = match crate::cpu::linear::linear(x, self.weight(), self.bias())? {
             Some(y) => y,
             None => self.inner.forward(x)?,
@@ -147,11 +150,89 @@ impl Module for Conv2d {
             conv_kind(self.weight(), self.config()),
             conv_flops(x, self.weight(), self.config()),
         );
+        if let Some(y) = frozen(x, self.weight(), self.bias(), || Frozen::Conv2d(*self.config()))? {
+            return add_adapters(y, x, &self.adapters);
+        }
         let y = match crate::cpu::conv::conv2d(x, self.inner.weight(), self.inner.bias(), self.inner.config())? {
             Some(y) => y,
             None => self.inner.forward(x)?,
         };
         add_adapters(y, x, &self.adapters)
+    }
+}
+
+/// A frozen (untracked) f32 layer on the CPU whose input needs a gradient (LoRA training).
+#[derive(Debug, Clone, Copy)]
+enum Frozen {
+    Linear,
+    Conv2d(candle_nn::Conv2dConfig),
+}
+
+/// The layer as an op with a backward for its input only: candle's own matmul / conv backward
+/// also computes the gradient of the (frozen) weight, doubling the backward work. The forward
+/// runs the CPU kernels. `None` when it does not apply (no gradient to the input, a tracked
+/// weight, not f32, not on the CPU).
+fn frozen(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, kind: impl Fn() -> Frozen) -> Result<Option<Tensor>> {
+    let applies = x.track_op()
+        && !weight.track_op()
+        && !bias.is_some_and(|b| b.track_op())
+        && x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && weight.dtype() == DType::F32
+        && !matches!(kind(), Frozen::Conv2d(c) if c.groups != 1);
+    if !applies {
+        return Ok(None);
+    }
+    let op = FrozenOp { kind: kind(), weight: weight.clone(), bias: bias.cloned() };
+    Ok(Some(x.contiguous()?.apply_op1(op)?))
+}
+
+#[derive(Debug)]
+struct FrozenOp {
+    kind: Frozen,
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl candle_core::CustomOp1 for FrozenOp {
+    fn name(&self) -> &'static str {
+        "frozen-layer"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (candle_core::CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets()) else {
+            candle_core::bail!("frozen layer: expected a contiguous f32 input")
+        };
+        let x = Tensor::from_slice(&data[start..end], layout.shape(), &candle_core::Device::Cpu)?;
+        let (w, b) = (&self.weight, self.bias.as_ref());
+        let y = match self.kind {
+            Frozen::Linear => match crate::cpu::linear::linear(&x, w, b)? {
+                Some(y) => y,
+                None => candle_nn::Linear::new(w.clone(), b.cloned()).forward(&x)?,
+            },
+            Frozen::Conv2d(cfg) => match crate::cpu::conv::conv2d(&x, w, b, &cfg)? {
+                Some(y) => y,
+                None => candle_nn::Conv2d::new(w.clone(), b.cloned(), cfg).forward(&x)?,
+            },
+        };
+        let shape = y.shape().clone();
+        Ok((candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1()?), shape))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let w = &self.weight;
+        Ok(Some(match self.kind {
+            Frozen::Linear => grad.broadcast_matmul(w)?,
+            Frozen::Conv2d(cfg) => {
+                let (p, s, d) = (cfg.padding, cfg.stride, cfg.dilation);
+                let out_size = (grad.dim(2)? - 1) * s + d * (w.dim(2)? - 1) + 1 - 2 * p;
+                grad.conv_transpose2d(w, p, arg.dim(2)? - out_size, s, d)?
+            }
+        }))
     }
 }
 
