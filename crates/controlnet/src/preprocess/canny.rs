@@ -164,36 +164,35 @@ fn suppress_non_maxima(g: &Gradient, low: i32, high: i32) -> EdgeMap {
     let mut states = vec![NOT_EDGE; stride * (h + 2)];
     let mut stack = Vec::new();
     let mag = &g.magnitude;
-    const BLOCK: usize = 16;
+    let stride_i = stride as isize;
+    // Per direction (horizontal, vertical, anti-diagonal, diagonal): offsets of the neighbour that
+    // must be strictly smaller and of the other one, and 1 where the other may be equal (OpenCV's >=).
+    let neighbours: [(isize, isize, i32); 4] =
+        [(-1, 1, 1), (-stride_i, stride_i, 1), (1 - stride_i, stride_i - 1, 0), (-1 - stride_i, stride_i + 1, 0)];
     for y in 0..h {
-        let row = &mag[(y + 1) * stride + 1..][..w];
-        let mut x = 0;
-        while x < w {
-            // Skip whole blocks below the low threshold (most of a photo) without branching per pixel.
-            if x % BLOCK == 0 && x + BLOCK <= w && row[x..x + BLOCK].iter().fold(i32::MIN, |a, &b| a.max(b)) <= low {
-                x += BLOCK;
-                continue;
-            }
-            let i = (y + 1) * stride + x + 1;
+        let (dx_row, dy_row) = (&g.dx[y * w..][..w], &g.dy[y * w..][..w]);
+        let start = (y + 1) * stride + 1;
+        for x in 0..w {
+            let i = start + x;
             let m = mag[i];
-            x += 1;
             if m <= low {
                 continue;
             }
-            let x = x - 1;
-            let (xs, ys) = (i32::from(g.dx[y * w + x]), i32::from(g.dy[y * w + x]));
+            let (xs, ys) = (i32::from(dx_row[x]), i32::from(dy_row[x]));
             let ax = xs.abs();
             let ay = ys.abs() << SHIFT;
             let tg22x = ax * TG22;
-            let is_max = if ay < tg22x {
-                m > mag[i - 1] && m >= mag[i + 1]
+            let diagonal = 2 + usize::from((xs ^ ys) >= 0);
+            let direction = if ay < tg22x {
+                0
             } else if ay > tg22x + (ax << (SHIFT + 1)) {
-                m > mag[i - stride] && m >= mag[i + stride]
-            } else if (xs ^ ys) < 0 {
-                m > mag[i - stride + 1] && m > mag[i + stride - 1]
+                1
             } else {
-                m > mag[i - stride - 1] && m > mag[i + stride + 1]
+                diagonal
             };
+            let (before, after, equal_ok) = neighbours[direction];
+            let is_max =
+                (m > mag[(i as isize + before) as usize]) & (m + equal_ok > mag[(i as isize + after) as usize]);
             if is_max {
                 if m > high {
                     states[i] = EDGE;

@@ -269,11 +269,18 @@ fn separable(src: &Plane, dw: usize, dh: usize, kernel: Kernel) -> Vec<u8> {
 /// A separable filter in f32 with float coefficients, rounded half to even at the end.
 fn separable_float(src: &Plane, dw: usize, dh: usize, kernel: Kernel) -> Vec<u8> {
     let cn = src.cn;
-    let planes: Vec<Vec<f32>> =
-        (0..cn).map(|c| src.data.iter().skip(c).step_by(cn).map(|&v| f32::from(v)).collect()).collect();
-    let resized: Vec<Vec<f32>> =
-        planes.iter().map(|p| separable_map(p, src.width, src.height, dw, dh, kernel)).collect();
-    (0..dw * dh).flat_map(|i| resized.iter().map(move |p| p[i].round_ties_even().clamp(0.0, 255.0) as u8)).collect()
+    let mut planes = vec![Vec::with_capacity(src.width * src.height); cn];
+    for px in src.data.chunks_exact(cn) {
+        planes.iter_mut().zip(px).for_each(|(plane, &v)| plane.push(f32::from(v)));
+    }
+    let mut out = vec![0u8; dw * dh * cn];
+    for (c, plane) in planes.iter().enumerate() {
+        let resized = separable_map(plane, src.width, src.height, dw, dh, kernel);
+        for (o, v) in out.iter_mut().skip(c).step_by(cn).zip(resized) {
+            *o = v.round_ties_even().clamp(0.0, 255.0) as u8;
+        }
+    }
+    out
 }
 
 /// One row of the horizontal pass for `CN` interleaved channels (a constant, so the channel loop
@@ -444,14 +451,22 @@ fn separable_map(map: &[f32], w: usize, h: usize, dw: usize, dh: usize, kernel: 
     let (x_first, alpha) = axis_taps_f32(w, dw, kernel);
     let (y_first, beta) = axis_taps_f32(h, dh, kernel);
     let clamp = |i: isize, len: usize| i.clamp(0, len as isize - 1) as usize;
+    let columns: Vec<usize> =
+        x_first.iter().flat_map(|&first| (0..taps).map(move |k| clamp(first + k as isize, w))).collect();
+    let mut needed = vec![false; h];
+    for &first in &y_first {
+        (0..taps).for_each(|k| needed[clamp(first + k as isize, h)] = true);
+    }
     let horizontal: Vec<Vec<f32>> = (0..h)
         .map(|y| {
+            if !needed[y] {
+                return Vec::new();
+            }
             let row = &map[y * w..(y + 1) * w];
-            (0..dw)
-                .map(|dx| {
-                    let a = &alpha[dx * taps..(dx + 1) * taps];
-                    (0..taps).fold(0.0f32, |acc, k| acc + row[clamp(x_first[dx] + k as isize, w)] * a[k])
-                })
+            columns
+                .chunks_exact(taps)
+                .zip(alpha.chunks_exact(taps))
+                .map(|(cols, a)| cols.iter().zip(a).fold(0.0f32, |acc, (&sx, &wt)| acc + row[sx] * wt))
                 .collect()
         })
         .collect();
