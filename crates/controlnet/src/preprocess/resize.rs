@@ -277,10 +277,17 @@ fn separable_float(src: &Plane, dw: usize, dh: usize, kernel: Kernel) -> Vec<u8>
     for (c, plane) in planes.iter().enumerate() {
         let resized = separable_map(plane, src.width, src.height, dw, dh, kernel);
         for (o, v) in out.iter_mut().skip(c).step_by(cn).zip(resized) {
-            *o = v.round_ties_even().clamp(0.0, 255.0) as u8;
+            *o = round_half_even(v).clamp(0.0, 255.0) as u8;
         }
     }
     out
+}
+
+/// `v.round_ties_even()` for |v| < 2²², without a libm call: adding and removing 1.5 · 2²³ leaves
+/// the rounding to the FPU's default round-to-nearest-even mode.
+fn round_half_even(v: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    if v.abs() < 4_194_304.0 { (v + MAGIC) - MAGIC } else { v.round_ties_even() }
 }
 
 /// One row of the horizontal pass for `CN` interleaved channels (a constant, so the channel loop
@@ -463,11 +470,11 @@ fn separable_map(map: &[f32], w: usize, h: usize, dw: usize, dh: usize, kernel: 
                 return Vec::new();
             }
             let row = &map[y * w..(y + 1) * w];
-            columns
-                .chunks_exact(taps)
-                .zip(alpha.chunks_exact(taps))
-                .map(|(cols, a)| cols.iter().zip(a).fold(0.0f32, |acc, (&sx, &wt)| acc + row[sx] * wt))
-                .collect()
+            let mut out = vec![0f32; dw];
+            for ((o, cols), a) in out.iter_mut().zip(columns.chunks_exact(taps)).zip(alpha.chunks_exact(taps)) {
+                *o = cols.iter().zip(a).fold(0.0f32, |acc, (&sx, &wt)| acc + row[sx] * wt);
+            }
+            out
         })
         .collect();
     let mut out = Vec::with_capacity(dw * dh);
