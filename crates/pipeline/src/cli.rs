@@ -292,7 +292,8 @@ fn train(
             &device,
             threads,
         )?;
-        train_user(&ws.store, &job.user_id, &job.photos, &job.config, &mut components, observer, cancel)?
+        let photos = crate::train::Photos::Files(&job.photos);
+        train_user(&ws.store, &job.user_id, photos, &job.config, &mut components, observer, cancel)?
     };
     print(
         out,

@@ -35,5 +35,5 @@ pub use error::{PipelineError, Result};
 pub use jobs::{InferJob, TrainJob, Workspace};
 pub use models::{Flow, Manifest, MissingModel, ModelFile, Verification};
 pub use progress::{CancelToken, Observer, Progress, Silent};
-pub use train::{BaseModel, TrainComponents, TrainOutcome, resume_user, train_user};
+pub use train::{BaseModel, Photos, TrainComponents, TrainOutcome, resume_user, train_user};
 pub use user::{UserId, UserInfo, UserStore, write_atomic};

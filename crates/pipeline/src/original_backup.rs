@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+use image::RgbImage;
 use image::codecs::jpeg::JpegEncoder;
 
 use crate::error::{PipelineError, Result};
@@ -29,17 +30,39 @@ pub fn save_original_backup(
     let mut saved = Vec::with_capacity(photos.len());
     for (i, photo) in photos.iter().enumerate() {
         cancel.check(STAGE)?;
-        let rgb = easyphoto_face::load_rgb(photo)?;
-        let path = store.original_photo(id, i);
-        let mut jpeg = Vec::new();
-        JpegEncoder::new_with_quality(&mut jpeg, QUALITY)
-            .encode_image(&rgb)
-            .map_err(|e| PipelineError::Io { path: path.clone(), source: std::io::Error::other(e) })?;
-        write_atomic(&path, &jpeg)?;
+        saved.push(write_backup(store, id, i, &easyphoto_face::load_rgb(photo)?)?);
         observer.progress(Progress { stage: STAGE, step: i as u64 + 1, total, message: id.as_str() });
-        saved.push(path);
     }
     Ok(saved)
+}
+
+/// [`save_original_backup`] for photos already decoded (upright RGB, e.g. from a server upload).
+pub fn save_original_images(
+    store: &UserStore,
+    id: &UserId,
+    images: &[RgbImage],
+    observer: &dyn Observer,
+    cancel: &CancelToken,
+) -> Result<Vec<PathBuf>> {
+    let total = Some(images.len() as u64);
+    let mut saved = Vec::with_capacity(images.len());
+    for (i, rgb) in images.iter().enumerate() {
+        cancel.check(STAGE)?;
+        saved.push(write_backup(store, id, i, rgb)?);
+        observer.progress(Progress { stage: STAGE, step: i as u64 + 1, total, message: id.as_str() });
+    }
+    Ok(saved)
+}
+
+/// Writes the `i`-th backup atomically.
+fn write_backup(store: &UserStore, id: &UserId, i: usize, rgb: &RgbImage) -> Result<PathBuf> {
+    let path = store.original_photo(id, i);
+    let mut jpeg = Vec::new();
+    JpegEncoder::new_with_quality(&mut jpeg, QUALITY)
+        .encode_image(rgb)
+        .map_err(|e| PipelineError::Io { path: path.clone(), source: std::io::Error::other(e) })?;
+    write_atomic(&path, &jpeg)?;
+    Ok(path)
 }
 
 #[cfg(test)]

@@ -39,7 +39,7 @@ use image::RgbImage;
 use crate::config::TrainConfig;
 use crate::error::{PipelineError, Result};
 use crate::models::{Flow, Manifest};
-use crate::original_backup::save_original_backup;
+use crate::original_backup::{save_original_backup, save_original_images};
 use crate::progress::{CancelToken, Observer, Progress};
 use crate::training_set::{load_training_set, save_training_set};
 use crate::user::{UserId, UserInfo, UserStore, write_atomic};
@@ -184,6 +184,27 @@ impl TrainComponents {
     }
 }
 
+/// The uploaded photos: image files (decoded and EXIF-transposed here) or images already decoded
+/// upright (a server's uploads).
+#[derive(Debug, Clone, Copy)]
+pub enum Photos<'a> {
+    Files(&'a [PathBuf]),
+    Images(&'a [RgbImage]),
+}
+
+impl Photos<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Files(f) => f.len(),
+            Self::Images(i) => i.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// What a finished training produced.
 #[derive(Debug, Clone)]
 pub struct TrainOutcome {
@@ -196,12 +217,12 @@ pub struct TrainOutcome {
     pub scores: Vec<face_id_score::Scored>,
 }
 
-/// Trains user `id` from `photos` (paths of images, EXIF-transposed on reading). The id must be
-/// new (see [`TrainJob`](crate::jobs::TrainJob) for the full input checks).
+/// Trains user `id` from `photos`. The id must be new (see [`TrainJob`](crate::jobs::TrainJob)
+/// for the full input checks).
 pub fn train_user(
     store: &UserStore,
     id: &UserId,
-    photos: &[PathBuf],
+    photos: Photos<'_>,
     config: &TrainConfig,
     components: &mut TrainComponents,
     observer: &dyn Observer,
@@ -245,7 +266,7 @@ pub fn resume_user(
 fn prepare(
     store: &UserStore,
     id: &UserId,
-    photos: &[PathBuf],
+    photos: Photos<'_>,
     config: &TrainConfig,
     seed: u64,
     components: &TrainComponents,
@@ -253,7 +274,14 @@ fn prepare(
     cancel: &CancelToken,
 ) -> Result<UserInfo> {
     // 1. The uploads, EXIF-transposed RGB JPEGs; the rest of the flow reads these backups.
-    let backups = save_original_backup(store, id, photos, observer, cancel)?;
+    let backups = match photos {
+        Photos::Files(files) => save_original_backup(store, id, files, observer, cancel)?,
+        Photos::Images(images) => save_original_images(store, id, images, observer, cancel)?,
+    };
+    let names = match photos {
+        Photos::Files(files) => files,
+        Photos::Images(_) => &backups[..],
+    };
     let images = backups.iter().map(easyphoto_face::load_rgb).collect::<std::result::Result<Vec<_>, _>>()?;
 
     // 2. Faces, identity ranking, reference photo, crops on white.
@@ -263,7 +291,7 @@ fn prepare(
     }
     let pre = preprocess::preprocess(
         &images,
-        photos,
+        names,
         config,
         components.detector.as_ref(),
         components.embedder.as_ref(),

@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use easyphoto_diffusion::{ClipTokenizer, UNetConditioning, diffusers_folder};
@@ -15,7 +16,7 @@ use easyphoto_lora::{Targets, load_lora};
 use easyphoto_pipeline::train::face_id_score::identity_score;
 use easyphoto_pipeline::train::{fuse, preprocess};
 use easyphoto_pipeline::{
-    BaseModel, CancelToken, PipelineError, Progress, Silent, TrainComponents, TrainConfig, UserId, UserStore,
+    BaseModel, CancelToken, Photos, PipelineError, Progress, Silent, TrainComponents, TrainConfig, UserId, UserStore,
     resume_user, train_user,
 };
 use image::{RgbImage, imageops};
@@ -150,10 +151,12 @@ fn trains_five_photos_validates_twice_fuses_and_resumes_to_the_same_lora() {
     let photos = write_photos(&dir.join("photos"), &astronaut_photos());
     let store = UserStore::new(dir.join("root"));
     let id = UserId::new("宇航员").unwrap();
-    let events = Mutex::new(Vec::<(String, u64)>::new());
-    let observer = |e: Progress<'_>| events.lock().unwrap().push((e.stage.to_string(), e.step));
+    let events = Mutex::new(Vec::<(String, u64, Instant)>::new());
+    let observer = |e: Progress<'_>| events.lock().unwrap().push((e.stage.to_string(), e.step, Instant::now()));
+    let start = Instant::now();
     let mut comps = components();
-    let out = train_user(&store, &id, &photos, &config(), &mut comps, &observer, &CancelToken::new()).unwrap();
+    let out =
+        train_user(&store, &id, Photos::Files(&photos), &config(), &mut comps, &observer, &CancelToken::new()).unwrap();
 
     // Files at the documented places.
     for i in 0..5 {
@@ -175,11 +178,23 @@ fn trains_five_photos_validates_twice_fuses_and_resumes_to_the_same_lora() {
     assert_eq!((info.photos_uploaded, info.photos_kept, info.max_train_steps, info.seed), (5, 5, 4, 7));
     assert_eq!(info, out.info);
     assert_eq!(out.scores.len(), 4);
-    let stages: Vec<String> = events.lock().unwrap().iter().map(|(s, _)| s.clone()).collect();
+    // Wall time per stage (from the previous event to the stage's last event), for the record.
+    let mut previous = start;
+    let mut times: Vec<(String, f64)> = vec![];
+    for (stage, _, at) in events.lock().unwrap().iter() {
+        match times.last_mut() {
+            Some((s, t)) if s == stage => *t += (*at - previous).as_secs_f64(),
+            _ => times.push((stage.clone(), (*at - previous).as_secs_f64())),
+        }
+        previous = *at;
+    }
+    println!("stage wall times (s): {times:.2?}; total {:.2}", start.elapsed().as_secs_f64());
+    let stages: Vec<String> = events.lock().unwrap().iter().map(|(s, _, _)| s.clone()).collect();
     for stage in ["original_backup", "preprocess", "train", "validation", "face_id_score"] {
         assert!(stages.iter().any(|s| s == stage), "no progress from {stage}");
     }
-    let train_steps: Vec<u64> = events.lock().unwrap().iter().filter(|(s, _)| s == "train").map(|(_, n)| *n).collect();
+    let train_steps: Vec<u64> =
+        events.lock().unwrap().iter().filter(|(s, _, _)| s == "train").map(|(_, n, _)| *n).collect();
     assert_eq!(train_steps, vec![1, 2, 3, 4]);
 
     // The random tiny model paints no face, so no validation image scores and the fusion falls
@@ -276,18 +291,31 @@ fn trains_five_photos_validates_twice_fuses_and_resumes_to_the_same_lora() {
     println!("fused top-3 vs (2·c2 + c4)/3: max abs {worst:e}");
     assert!(worst <= 1e-3, "{worst}");
 
-    // Cancelled after step 2, then resumed: the same checkpoints, validation images and LoRA.
+    // Cancelled in the validation of checkpoint 2 (after its first template), then resumed: the
+    // same checkpoints, validation images and LoRA.
     let other = UserId::new("resumed").unwrap();
     let cancel = CancelToken::new();
     let stopper = cancel.clone();
-    let stop_at_2 = move |e: Progress<'_>| {
-        if e.stage == "train" && e.step == 2 {
+    let stop_in_validation = move |e: Progress<'_>| {
+        if e.stage == "validation" && e.step == 1 {
             stopper.cancel();
         }
     };
-    let err = train_user(&store, &other, &photos, &config(), &mut components(), &stop_at_2, &cancel).unwrap_err();
+    // This one uploads decoded images (what a server receives): the same backups, the same run.
+    let decoded: Vec<RgbImage> = photos.iter().map(|p| easyphoto_face::load_rgb(p).unwrap()).collect();
+    let err = train_user(
+        &store,
+        &other,
+        Photos::Images(&decoded),
+        &config(),
+        &mut components(),
+        &stop_in_validation,
+        &cancel,
+    )
+    .unwrap_err();
     assert!(matches!(err, PipelineError::Cancelled { .. }), "{err:?}");
     assert!(store.checkpoint(&other, 2).is_file() && !store.checkpoint(&other, 4).exists());
+    assert!(store.validation_image(&other, 2, 0).is_file() && !store.validation_image(&other, 2, 1).exists());
     let resumed = resume_user(&store, &other, &config(), &mut components(), &Silent, &CancelToken::new()).unwrap();
     assert_eq!(resumed.info.fused_steps, info.fused_steps);
     for (a, b) in [
@@ -415,7 +443,8 @@ fn bad_inputs_are_typed_errors_and_leave_nothing_behind() {
     let id = UserId::new("nobody").unwrap();
     for _ in 0..2 {
         let err =
-            train_user(&store, &id, &blank, &config(), &mut components(), &Silent, &CancelToken::new()).unwrap_err();
+            train_user(&store, &id, Photos::Files(&blank), &config(), &mut components(), &Silent, &CancelToken::new())
+                .unwrap_err();
         assert!(matches!(err, PipelineError::TooFewFaces { found: 0, .. }), "{err:?}");
         assert!(err.to_string().contains("04.png"), "{err}");
         assert!(walk(&root).is_empty(), "{:?}", walk(&root));
