@@ -1,11 +1,11 @@
 //! Conditioning preprocessors: plain functions from an image to the control image a ControlNet unit
 //! takes, as the WebUI annotators and EasyPhoto compute them.
 //!
-//! - [`canny`]: `cv2.Canny` edges (the canny unit).
+//! - [`canny`](mod@canny): `cv2.Canny` edges (the canny unit).
 //! - [`color`]: EasyPhoto's colour map (the random-colour unit).
 //! - [`tile`]: `tile_resample` (the tile unit).
 //! - [`openpose`]: body skeletons and their picture (the openpose unit).
-//! - [`resize`]: `cv2.resize` with OpenCV's coefficients, which the others build on.
+//! - [`resize`](mod@resize): `cv2.resize` with OpenCV's coefficients, which the others build on.
 
 pub mod canny;
 pub mod color;

@@ -1,7 +1,7 @@
 //! The annotator's body estimation (controlnet_aux `Body.__call__`): the image scaled to a height of
 //! 184 (`0.5 × 368`), padded to multiples of 8 with grey 128, run through [`BodyPoseModel`] as BGR
 //! `x / 256 − 0.5`; the maps upsampled ×8 (Lanczos-4), cropped, resized to the image (area or
-//! Lanczos-4, OpenCV's float path), then [`decode`]d.
+//! Lanczos-4, OpenCV's float path), then [`decode`](fn@super::decode::decode)d.
 
 use candle_core::{Device, Tensor};
 use image::RgbImage;

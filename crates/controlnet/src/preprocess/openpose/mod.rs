@@ -1,7 +1,7 @@
 //! OpenPose body skeletons for the openpose unit.
 //!
 //! - [`body_model`]: the OpenPose body network of the WebUI annotator (`body_pose_model.pth`).
-//! - [`decode`]: heat maps and part affinity fields to people (controlnet_aux's decoding).
+//! - [`decode`](mod@decode): heat maps and part affinity fields to people (controlnet_aux's decoding).
 //! - [`estimate`]: the annotator's whole body estimation (scaling, network, map upsampling, decoding).
 //! - [`draw`]: controlnet_aux's `draw_bodypose` (the picture the ControlNet sees).
 //! - [`movenet`]: the download-free default estimator (MoveNet Lightning through ONNX Runtime),
