@@ -2,7 +2,8 @@
 //! is inpainted by a fresh copy of the base model with the checkpoint merged at multiplier 1
 //! (diffusers' inpainting with an ordinary 4-channel UNet: latent blending), prompt
 //! `easyphoto_face, easyphoto, 1person` against EasyPhoto's validation negative prompt,
-//! strength 0.65, 20 steps of DPM++ 2M, CFG 9, seeded with the training seed.
+//! strength 0.65, 20 steps of DPM++ 2M, CFG 9, one noise stream seeded with the training seed
+//! per round.
 //!
 //! Templates are resized so their short side is the training resolution, both sides floored to
 //! multiples of 64, each at its own size (EasyPhoto reuses the last template's size for all of
@@ -99,6 +100,8 @@ pub fn validate_checkpoint(
         guidance_scale: config.guidance_scale,
     };
     let message = format!("checkpoint {step}");
+    // One generator for the whole round, drawn from template after template (as EasyPhoto's).
+    let mut noise = SeededNoise::new(seed);
     for (k, template) in templates.iter().enumerate() {
         cancel.check(STAGE)?;
         let tensor_err = |source| PipelineError::Tensor { stage: STAGE.into(), source: Box::new(source) };
@@ -106,7 +109,6 @@ pub fn validate_checkpoint(
         let image = image_tensor(&template.image, &device).and_then(|t| t.to_dtype(dtype)).map_err(tensor_err)?;
         let mask = mask_tensor(&template.mask, &device).and_then(|t| t.to_dtype(dtype)).map_err(tensor_err)?;
         let (_, latent_mask) = prepare_mask(&mask, sd.vae.config().downscale_factor())?;
-        let mut noise = SeededNoise::new(seed);
         let posterior = sd.vae.encode(&normalize_image(&image)?)?;
         let draw = noise.randn(posterior.mean.dims(), posterior.mean.dtype(), &device).map_err(tensor_err)?;
         let latents =
