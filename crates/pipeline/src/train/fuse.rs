@@ -119,3 +119,35 @@ pub fn fuse(
     }
     Ok(Fused { steps, best_score })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoints_are_listed_by_step_and_other_files_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [
+            "checkpoint-200.safetensors",
+            "checkpoint-100.safetensors",
+            "checkpoint-x.safetensors",
+            "checkpoint-300.safetensors.tmp",
+            "train_state.safetensors",
+        ] {
+            std::fs::write(dir.path().join(name), b"").unwrap();
+        }
+        let steps: Vec<u32> = checkpoints(dir.path()).unwrap().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(steps, vec![100, 200]);
+        assert!(matches!(checkpoints(&dir.path().join("missing")), Err(PipelineError::Read { .. })));
+    }
+
+    #[test]
+    fn the_best_scores_come_first_and_unscored_images_are_left_out() {
+        let s = |step: u32, score: Option<f32>| Scored { step, template: 0, path: PathBuf::new(), score };
+        let scores = [s(100, Some(0.5)), s(200, None), s(300, Some(0.7)), s(400, Some(0.5)), s(500, Some(0.1))];
+        let top: Vec<u32> = top_scored(&scores, 3).iter().map(|x| x.step).collect();
+        assert_eq!(top, vec![300, 100, 400], "equal scores keep their order");
+        assert_eq!(top_scored(&scores, 10).len(), 4);
+        assert!(top_scored(&[s(1, None)], 10).is_empty());
+    }
+}
