@@ -347,10 +347,11 @@ fn finish(
     let frozen = components.base.clone();
     let lora_config = lora_config(config, &info);
     let weights_dir = store.weights_dir(id);
-    let mut failure: Option<PipelineError> = None;
+    // A failed validation stops the training at the next step and is the run's error.
+    let failure = std::cell::RefCell::new(None::<PipelineError>);
     {
         let mut on_checkpoint = |path: &Path, step: usize| {
-            if failure.is_none()
+            if failure.borrow().is_none()
                 && let Err(e) = validation::validate_checkpoint(
                     store,
                     id,
@@ -364,7 +365,7 @@ fn finish(
                     cancel,
                 )
             {
-                failure = Some(e);
+                *failure.borrow_mut() = Some(e);
             }
         };
         let mut on_step = |p: &easyphoto_lora::Progress| {
@@ -376,23 +377,23 @@ fn finish(
                 message: &message,
             };
             observer.progress(event);
-            if cancel.is_cancelled() { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+            let stop = cancel.is_cancelled() || failure.borrow().is_some();
+            if stop { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
         };
         let base = &mut components.base;
         let models = TrainModels { unet: &mut base.unet, text_encoder: &mut base.text_encoder, vae: &base.vae };
         let callbacks =
             easyphoto_lora::Callbacks { progress: Some(&mut on_step), checkpoint: Some(&mut on_checkpoint) };
         let trained = easyphoto_lora::train(models, &data, &lora_config, &weights_dir, callbacks);
-        match trained {
-            Err(easyphoto_lora::LoraError::Cancelled { .. }) => {
-                return Err(failure.take().unwrap_or(PipelineError::Cancelled { stage: TRAIN_STAGE.into() }));
+        let failed = failure.borrow_mut().take();
+        match (trained, failed) {
+            (_, Some(e)) => return Err(e),
+            (Err(easyphoto_lora::LoraError::Cancelled { .. }), None) => {
+                return Err(PipelineError::Cancelled { stage: TRAIN_STAGE.into() });
             }
-            Err(e) => return Err(failure.take().unwrap_or(e.into())),
-            Ok(_) => {}
+            (Err(e), None) => return Err(e.into()),
+            (Ok(_), None) => {}
         }
-    }
-    if let Some(e) = failure {
-        return Err(e);
     }
     let checkpoints = fuse::checkpoints(&weights_dir)?;
     // A resumed run validates the checkpoints written before it was stopped.
