@@ -30,6 +30,15 @@ pub enum Encoder {
     Projected(CLIPTextModelWithProjection),
 }
 
+impl crate::layers::VisitLayers for Encoder {
+    fn visit_layers(&mut self, f: &mut dyn FnMut(crate::layers::LayerMut<'_>)) {
+        match self {
+            Self::Plain(m) => m.visit_layers(f),
+            Self::Projected(m) => m.visit_layers(f),
+        }
+    }
+}
+
 impl Encoder {
     fn text_model(&self) -> &CLIPTextModel {
         match self {
@@ -98,6 +107,11 @@ impl TextEncoders {
             micro: None,
         };
         Ok((text, networks))
+    }
+
+    /// The encoders' models in order (CLIP-L, then bigG for SDXL), for attaching LoRAs.
+    pub fn encoders_mut(&mut self) -> impl Iterator<Item = &mut Encoder> {
+        self.encoders.iter_mut().map(|e| &mut e.encoder)
     }
 
     /// Encodes one prompt (already free of comments and tags).

@@ -3,14 +3,15 @@
 //! Parameters keep EasyPhoto's names: a config file (`--config`, TOML or JSON) and `--set
 //! name=value` override any field of [`TrainConfig`] / [`InferConfig`]. `train` and `infer` check
 //! their inputs (user ids, photos, templates, models) before any work starts. `train` runs the
-//! [train flow](crate::train) (`--resume` continues a stopped one); `infer` still stops with
-//! [`PipelineError::NotImplemented`].
+//! [train flow](crate::train) (`--resume` continues a stopped one); `infer` runs the
+//! [infer flow](crate::infer) on every template and prints each result with its display scores.
 
 use std::io::Write;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::components::{ComponentPaths, Components};
 use crate::config::{InferConfig, TrainConfig, load_config};
 use crate::download::{Downloader, Fetched};
 use crate::error::{PipelineError, Result};
@@ -135,7 +136,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write, observer: &dyn Observer, cancel: &Can
         Command::Models(ModelsCommand::Fetch(sel)) => fetch(cli, &manifest, sel, out, observer, cancel),
         Command::Models(ModelsCommand::Verify(sel)) => verify(cli, &manifest, sel, out, observer, cancel),
         Command::Train(args) => train(cli, &manifest, args, out, observer, cancel),
-        Command::Infer(args) => infer(cli, &manifest, args),
+        Command::Infer(args) => infer(cli, &manifest, args, out, observer, cancel),
     }
 }
 
@@ -310,14 +311,31 @@ fn train(
     )
 }
 
-fn infer(cli: &Cli, manifest: &Manifest, args: &InferArgs) -> Result<()> {
+fn infer(
+    cli: &Cli,
+    manifest: &Manifest,
+    args: &InferArgs,
+    out: &mut dyn Write,
+    observer: &dyn Observer,
+    cancel: &CancelToken,
+) -> Result<()> {
     let ids = InferJob::parse_user_ids(&args.user_ids)?;
     let config: InferConfig = load_config(args.config.config.as_deref(), &args.config.set)?;
-    let job = InferJob::check(&workspace(cli), manifest, ids, &args.templates, &args.output, config)?;
-    Err(PipelineError::NotImplemented {
-        stage: format!(
-            "the infer flow (face fusion, two ControlNet inpaintings, colour shift) for {} template(s)",
-            job.templates.len()
-        ),
-    })
+    let ws = workspace(cli);
+    let job = InferJob::check(&ws, manifest, ids, &args.templates, &args.output, config)?;
+    let paths = ComponentPaths::from_models_dir(manifest, &ws.models_dir, &job.config, &ws.endpoint)?;
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let mut components = Components::load(&paths, candle_core::DType::F32, &candle_core::Device::Cpu, threads)?;
+    let report = crate::infer::run_job(&job, &ws.store, &mut components, observer, cancel)?;
+    for w in &report.written {
+        let scores: Vec<String> = w.faces.iter().map(|f| format!("{}: {:.2}", f.user_id, f.score)).collect();
+        print(
+            out,
+            format_args!("{}: {} (seed {}; {})", w.template.display(), w.image.display(), w.seed, scores.join(", ")),
+        )?;
+    }
+    for (template, e) in &report.failed {
+        print(out, format_args!("{}: FAILED, skipped: {e}", template.display()))?;
+    }
+    Ok(())
 }

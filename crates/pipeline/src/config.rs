@@ -186,6 +186,9 @@ pub struct InferConfig {
     /// Appended to the prompt / negative prompt (EasyPhoto's `DEFAULT_POSITIVE` / `DEFAULT_NEGATIVE`).
     pub default_positive_prompt: String,
     pub default_negative_prompt: String,
+    /// The face crop is resized to this short side, both sides floored to multiples of 32 (512 in
+    /// EasyPhoto; a smaller value makes tiny test runs fast).
+    pub short_side: u32,
 }
 
 impl Default for InferConfig {
@@ -222,6 +225,7 @@ impl Default for InferConfig {
             display_score: false,
             default_positive_prompt: DEFAULT_POSITIVE.into(),
             default_negative_prompt: DEFAULT_NEGATIVE.into(),
+            short_side: 512,
         }
     }
 }
@@ -249,6 +253,9 @@ impl InferConfig {
         positive("first_diffusion_steps", self.first_diffusion_steps)?;
         positive("second_diffusion_steps", self.second_diffusion_steps)?;
         positive("batch_size", self.batch_size)?;
+        if self.short_side < 32 || !self.short_side.is_multiple_of(32) {
+            return Err(invalid("short_side", format!("{} is not a positive multiple of 32", self.short_side)));
+        }
         unit_interval("first_denoising_strength", self.first_denoising_strength, false)?;
         unit_interval("second_denoising_strength", self.second_denoising_strength, false)?;
         unit_interval("before_face_fusion_ratio", self.before_face_fusion_ratio, true)?;

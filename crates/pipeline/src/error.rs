@@ -88,6 +88,15 @@ pub enum PipelineError {
     #[error("{path}: a face was found in {found} of the photos, at least {minimum} are needed; no face in: {}", skipped.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
     TooFewFaces { path: PathBuf, found: usize, minimum: usize, skipped: Vec<PathBuf> },
 
+    #[error(transparent)]
+    ControlNet(Box<easyphoto_controlnet::ControlNetError>),
+
+    #[error(transparent)]
+    Preprocess(Box<easyphoto_controlnet::preprocess::PreprocessError>),
+
+    #[error("{template}: no face in the template (upload a template with a face)")]
+    NoTemplateFace { template: String },
+
     #[error("not yet implemented in this build: {stage}")]
     NotImplemented { stage: String },
 }
@@ -113,6 +122,18 @@ impl From<easyphoto_diffusion::DiffusionError> for PipelineError {
 impl From<easyphoto_lora::LoraError> for PipelineError {
     fn from(e: easyphoto_lora::LoraError) -> Self {
         Self::Lora(Box::new(e))
+    }
+}
+
+impl From<easyphoto_controlnet::ControlNetError> for PipelineError {
+    fn from(e: easyphoto_controlnet::ControlNetError) -> Self {
+        Self::ControlNet(Box::new(e))
+    }
+}
+
+impl From<easyphoto_controlnet::preprocess::PreprocessError> for PipelineError {
+    fn from(e: easyphoto_controlnet::preprocess::PreprocessError) -> Self {
+        Self::Preprocess(Box::new(e))
     }
 }
 

@@ -13,14 +13,18 @@
 //! - [`jobs`]: the checked inputs of the train and infer flows (ids, photos, templates, users, models).
 //! - [`config`]: the flows' parameters with EasyPhoto's names and defaults, from files and overrides.
 //! - [`progress`]: progress observers and cancellation, shared by downloads and flows.
+//! - [`components`]: the infer flow's models (SD1.5 base, ControlNets, face models, style LoRA).
+//! - [`infer`]: the infer flow, one template to a batch, multi-person templates.
 //! - [`cli`] (feature `cli`): the `easyphoto` command line.
 //! - [`error`]: the crate's error type.
 
 #[cfg(feature = "cli")]
 pub mod cli;
+pub mod components;
 pub mod config;
 pub mod download;
 pub mod error;
+pub mod infer;
 pub mod jobs;
 pub mod models;
 pub mod original_backup;
@@ -29,9 +33,11 @@ pub mod train;
 pub mod training_set;
 pub mod user;
 
+pub use components::{ComponentPaths, Components};
 pub use config::{InferConfig, TrainConfig, load_config};
 pub use download::{Downloader, Fetched};
 pub use error::{PipelineError, Result};
+pub use infer::{InferReport, run_job};
 pub use jobs::{InferJob, TrainJob, Workspace};
 pub use models::{Flow, Manifest, MissingModel, ModelFile, Verification};
 pub use progress::{CancelToken, Observer, Progress, Silent};
