@@ -81,13 +81,6 @@ fn png(path: &Path) {
     image::RgbImage::from_fn(16, 12, |x, y| image::Rgb([x as u8 * 10, y as u8 * 20, 128])).save(path).unwrap();
 }
 
-fn stage(result: easyphoto_pipeline::Result<String>) -> String {
-    match result {
-        Err(PipelineError::NotImplemented { stage }) => stage,
-        other => panic!("{other:?}"),
-    }
-}
-
 #[test]
 fn train_checks_its_inputs_then_loads_the_models() {
     let s = Setup::new(6);
@@ -203,8 +196,14 @@ fn infer_checks_users_templates_and_models() {
     write_atomic(&store.reference_image(&id), b"jpeg").unwrap();
     write_atomic(&store.lora_path(&id), b"lora").unwrap();
 
-    let text = stage(s.run(&["infer", "--user-id", "李雷", "--user-id", "none", "--template", d, "--template", f]));
-    assert!(text.contains("3 template(s)"), "{text}");
+    // The inputs pass; the placeholder model files are then refused, naming the file, and nothing
+    // is written.
+    let before = s.files();
+    let err =
+        s.run(&["infer", "--user-id", "李雷", "--user-id", "none", "--template", d, "--template", f]).unwrap_err();
+    assert!(matches!(err, PipelineError::Diffusion(_)), "{err:?}");
+    assert!(err.to_string().contains("Stable-diffusion"), "{err}");
+    assert_eq!(s.files(), before, "nothing is written before the models load");
     match s.run(&["infer", "--user-id", "none", "--template", f]) {
         Err(PipelineError::InvalidParameter { field, .. }) => assert_eq!(field, "user-id"),
         other => panic!("{other:?}"),
