@@ -293,6 +293,32 @@ fn multi_person_template_changes_only_the_selected_faces() {
 }
 
 #[test]
+fn a_folder_of_templates_gives_a_folder_of_results_and_skips_a_template_without_a_face() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = components();
+    let (store, id) = make_user(tmp.path(), "gina", &mut c);
+    let templates = tmp.path().join("templates");
+    std::fs::create_dir_all(&templates).unwrap();
+    std::fs::copy(face_asset("astronaut.png"), templates.join("a.png")).unwrap();
+    RgbImage::from_fn(96, 64, |x, y| [(x * 2) as u8, (y * 3) as u8, 90].into()).save(templates.join("b.png")).unwrap();
+    let output = tmp.path().join("outputs");
+    let job = InferJob {
+        user_ids: vec![Some(id)],
+        templates: easyphoto_pipeline::jobs::images_in(&templates).unwrap(),
+        output_dir: output.clone(),
+        config: config(),
+    };
+    let report = run_job(&job, &store, &mut c, &Silent, &CancelToken::new()).unwrap();
+    assert_eq!(report.written.len(), 1);
+    assert_eq!(report.written[0].image, output.join("a.png"));
+    assert_eq!(report.failed.len(), 1);
+    assert_eq!(report.failed[0].0, templates.join("b.png"));
+    assert!(matches!(report.failed[0].1, PipelineError::NoTemplateFace { .. }), "{:?}", report.failed[0].1);
+    assert_eq!(files_under(&output), vec![output.join("a.json"), output.join("a.png")]);
+    assert_eq!(image::open(output.join("a.png")).unwrap().to_rgb8().dimensions(), (512, 512));
+}
+
+#[test]
 fn a_template_without_a_face_is_a_typed_error_and_writes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let mut c = components();
