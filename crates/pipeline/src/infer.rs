@@ -715,8 +715,16 @@ fn bbox(f: &Face) -> [f64; 4] {
 /// EasyPhoto's crop size: `side // (short / 512)` (float floor division), floored to multiples of 32.
 pub fn crop_size((w, h): (u32, u32), short_side: u32) -> (u32, u32) {
     let scale = f64::from(w.min(h)) / f64::from(short_side);
-    let side = |s: u32| (((f64::from(s) / scale).floor() as u32) / 32 * 32).max(32);
+    let side = |s: u32| ((py_floor_div(f64::from(s), scale) as u32) / 32 * 32).max(32);
     (side(w), side(h))
+}
+
+/// Python's `a // b` on positive floats (CPython's `float_floor_div`: through `fmod`, so that
+/// `700 // (700 / 512)` is 512, not the 511 of `floor(a / b)`).
+fn py_floor_div(a: f64, b: f64) -> f64 {
+    let div = (a - a % b) / b;
+    let floor = div.floor();
+    if div - floor > 0.5 { floor + 1.0 } else { floor }
 }
 
 /// Pillow's `Image.resize((w, h), LANCZOS)`.
@@ -755,4 +763,19 @@ fn tensor_rgb(t: &Tensor) -> candle_core::Result<RgbImage> {
         .map(|v| v.clamp(0.0, 255.0) as u8)
         .collect();
     Ok(RgbImage::from_raw(w as u32, h as u32, data).expect("tensor of w * h * 3 values"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crop_size_follows_easyphotos_integer_rule() {
+        // Values from Python: `[int(s // (min(w, h) / 512)) // 32 * 32 for s in (w, h)]`.
+        assert_eq!(crop_size((300, 450), 512), (512, 768));
+        assert_eq!(crop_size((333, 500), 512), (512, 768));
+        assert_eq!(crop_size((1000, 700), 512), (704, 512));
+        assert_eq!(crop_size((700, 700), 512), (512, 512));
+        assert_eq!(crop_size((913, 1371), 512), (512, 768));
+    }
 }
