@@ -40,6 +40,7 @@ fn txt2img_loop(c: &mut Criterion) {
 
     // Full-size latent shapes: 64×64 latents (a 512² image), batch 2 for CFG.
     let (text, _) = model.text_encoders.conditioning(&request.prompt, &request.negative_prompt).unwrap();
+    group.sample_size(10);
     let initial = SeededNoise::new(3).randn((1, 4, 64, 64), DType::F32, &device).unwrap();
     let options = SamplingOptions { num_inference_steps: STEPS, guidance_scale: 7.0 };
     group.bench_function("denoise_20_steps_64x64_latents", |b| {
