@@ -120,31 +120,39 @@ impl TextEncoders {
         self.encode_chunks(&chunks)
     }
 
-    /// `chunks[e]` are encoder `e`'s chunks of one prompt.
+    /// `chunks[e]` are encoder `e`'s chunks of one prompt. The chunks are independent, so each
+    /// encoder runs them as one batch; emphasis then applies chunk by chunk, as in the WebUI.
     fn encode_chunks(&self, chunks: &[Vec<PromptChunk>]) -> Result<EncodedPrompt> {
-        let mut per_chunk = vec![];
+        let count = chunks[0].len();
+        let mut per_encoder = vec![];
         let mut pooled = None;
-        for c in 0..chunks[0].len() {
-            let mut parts = vec![];
-            for (e, encoder_chunks) in self.encoders.iter().zip(chunks) {
-                let chunk = &encoder_chunks[c];
-                let device = e.encoder.text_model().device().clone();
-                let ids = Tensor::new(chunk.ids.as_slice(), &device)?.unsqueeze(0)?;
-                let (states, chunk_pooled) = e.states(&ids)?;
-                if c == 0 && chunk_pooled.is_some() {
-                    pooled = chunk_pooled;
-                }
-                let multipliers = Tensor::new(chunk.multipliers.as_slice(), &device)?.unsqueeze(0)?;
-                parts.push(apply_emphasis(&states, &multipliers)?);
+        for (e, encoder_chunks) in self.encoders.iter().zip(chunks) {
+            let device = e.encoder.text_model().device().clone();
+            let ids: Vec<u32> = encoder_chunks.iter().flat_map(|c| c.ids.iter().copied()).collect();
+            let length = ids.len() / count.max(1);
+            let (states, batch_pooled) = e.states(&Tensor::from_vec(ids, (count, length), &device)?)?;
+            if let Some(p) = batch_pooled {
+                pooled = Some(p.narrow(0, 0, 1)?);
             }
-            per_chunk.push(Tensor::cat(&parts, 2)?);
+            let parts = encoder_chunks
+                .iter()
+                .enumerate()
+                .map(|(c, chunk)| {
+                    let multipliers = Tensor::new(chunk.multipliers.as_slice(), &device)?.unsqueeze(0)?;
+                    apply_emphasis(&states.narrow(0, c, 1)?, &multipliers)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            per_encoder.push(parts);
         }
+        let per_chunk = (0..count)
+            .map(|c| Tensor::cat(&per_encoder.iter().map(|parts| &parts[c]).collect::<Vec<_>>(), 2))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(EncodedPrompt { states: Tensor::cat(&per_chunk, 1)?, pooled })
     }
 }
 
 impl PromptEncoder {
-    /// The conditioning states of one chunk `[1, 77]`, and the pooled embedding for projected
+    /// The conditioning states of a batch of chunks `[C, 77]`, and the pooled embeddings for projected
     /// encoders.
     fn states(&self, ids: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
         let model = self.encoder.text_model();
