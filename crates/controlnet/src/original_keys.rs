@@ -4,6 +4,8 @@
 //! so its convs sit at the even indices: `conv_in` at 0, diffusers `blocks.{j}` at `2 (j + 1)`
 //! and `conv_out` right after the last block, at `2 (num_blocks + 1)` (14 for SD 1.5).
 
+use easyphoto_diffusion::single_file::resnet_ldm;
+
 use crate::{ControlNetConditioningEmbeddingConfig, ControlNetError, DIFFUSERS_PREFIX};
 
 /// The prefix of the original checkpoints' keys (some re-exports leave it out).
@@ -77,34 +79,19 @@ pub fn diffusers_key_to_original(
             // Each level holds `layers_per_block` (resnet, attention) pairs and one downsampler.
             let first = 1 + i * (layers_per_block + 1);
             match *kind {
-                "resnets" => Some(format!("input_blocks.{}.0.{}", first + j, original_resnet_name(&rest(4)))),
+                "resnets" => Some(format!("input_blocks.{}.0.{}", first + j, resnet_ldm(&rest(4)))),
                 "attentions" => Some(format!("input_blocks.{}.1.{}", first + j, rest(4))),
                 "downsamplers" => Some(format!("input_blocks.{}.0.op.{}", first + layers_per_block, rest(5))),
                 _ => None,
             }
         }),
         ["mid_block", "resnets", j, ..] => {
-            j.parse::<usize>().ok().map(|j| format!("middle_block.{}.{}", 2 * j, original_resnet_name(&rest(3))))
+            j.parse::<usize>().ok().map(|j| format!("middle_block.{}.{}", 2 * j, resnet_ldm(&rest(3))))
         }
         ["mid_block", "attentions", "0", ..] => Some(format!("middle_block.1.{}", rest(3))),
         _ => None,
     };
     mapped.unwrap_or_else(|| name.to_string())
-}
-
-/// diffusers `ResnetBlock2D` member names to the original `ResBlock` ones.
-fn original_resnet_name(rest: &str) -> String {
-    let (head, tail) = rest.split_once('.').unwrap_or((rest, ""));
-    let head = match head {
-        "norm1" => "in_layers.0",
-        "conv1" => "in_layers.2",
-        "time_emb_proj" => "emb_layers.1",
-        "norm2" => "out_layers.0",
-        "conv2" => "out_layers.3",
-        "conv_shortcut" => "skip_connection",
-        other => other,
-    };
-    format!("{head}.{tail}")
 }
 
 #[cfg(test)]

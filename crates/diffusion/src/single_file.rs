@@ -371,8 +371,9 @@ impl UNetLayout {
     }
 }
 
-/// diffusers resnet member names to LDM ones.
-fn resnet_ldm(rest: &str) -> String {
+/// diffusers `ResnetBlock2D` member names (`norm1.weight`…) to the LDM `ResBlock` ones
+/// (`in_layers.0.weight`…), for every checkpoint in the original layout.
+pub fn resnet_ldm(rest: &str) -> String {
     let (head, tail) = rest.split_once('.').unwrap_or((rest, ""));
     let head = match head {
         "norm1" => "in_layers.0",

@@ -10,6 +10,7 @@
 //! 3. People: limbs are joined into `subset` rows (18 candidate indices, total score, part count),
 //!    merging rows that share no part; rows with < 4 parts or a mean score < 0.4 are dropped.
 
+use super::draw::LIMBS as DRAWN_LIMBS;
 use super::{Body, Keypoint};
 use crate::preprocess::PreprocessError;
 
@@ -20,28 +21,18 @@ const PAF_THRESHOLD: f64 = 0.05;
 /// Samples along a limb.
 const SAMPLES: usize = 10;
 
-/// The 19 limbs scored, as 0-based OpenPose part pairs (the 17 drawn plus ear–shoulder links).
-const LIMBS: [(usize, usize); 19] = [
-    (1, 2),
-    (1, 5),
-    (2, 3),
-    (3, 4),
-    (5, 6),
-    (6, 7),
-    (1, 8),
-    (8, 9),
-    (9, 10),
-    (1, 11),
-    (11, 12),
-    (12, 13),
-    (1, 0),
-    (0, 14),
-    (14, 16),
-    (0, 15),
-    (15, 17),
-    (2, 16),
-    (5, 17),
-];
+/// The 19 limbs scored, as 0-based OpenPose part pairs: the 17 drawn, then the two ear–shoulder links.
+const LIMBS: [(usize, usize); 19] = {
+    let mut limbs = [(0, 0); 19];
+    let mut i = 0;
+    while i < DRAWN_LIMBS.len() {
+        limbs[i] = DRAWN_LIMBS[i];
+        i += 1;
+    }
+    limbs[17] = (2, 16);
+    limbs[18] = (5, 17);
+    limbs
+};
 
 /// PAF channels (x, y) of each limb.
 const LIMB_PAF: [(usize, usize); 19] = [
