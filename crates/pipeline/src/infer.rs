@@ -1,5 +1,5 @@
 //! EasyPhoto's infer flow (WebUI `easyphoto_infer_forward`, SD1.5 path; anatomy §2.2–§2.4),
-//! composed from the crates, readable top to bottom in [`infer_face`]:
+//! composed from the crates, readable top to bottom in `infer_face`:
 //!
 //! 1. the template's faces (ratio-1 "safe boxes", left to right); for each user slot, the other
 //!    faces painted white;
