@@ -272,11 +272,13 @@ fn train(
     let ws = workspace(cli);
     let (dtype, device) = (candle_core::DType::F32, candle_core::Device::Cpu);
     let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let load = |config: &TrainConfig| {
+        TrainComponents::from_models_dir(manifest, &ws.models_dir, config, &ws.endpoint, dtype, &device, threads)
+    };
     let outcome = if args.resume {
         config.validate()?;
         ws.store.read_info(&id)?;
-        let mut components =
-            TrainComponents::from_models_dir(manifest, &ws.models_dir, &config, &ws.endpoint, dtype, &device, threads)?;
+        let mut components = load(&config)?;
         resume_user(&ws.store, &id, &config, &mut components, observer, cancel)?
     } else {
         let photos = args.photos.as_deref().ok_or_else(|| PipelineError::InvalidParameter {
@@ -284,15 +286,7 @@ fn train(
             reason: "a folder of photos is needed (or --resume)".into(),
         })?;
         let job = TrainJob::check(&ws, manifest, id, photos, config)?;
-        let mut components = TrainComponents::from_models_dir(
-            manifest,
-            &ws.models_dir,
-            &job.config,
-            &ws.endpoint,
-            dtype,
-            &device,
-            threads,
-        )?;
+        let mut components = load(&job.config)?;
         let photos = crate::train::Photos::Files(&job.photos);
         train_user(&ws.store, &job.user_id, photos, &job.config, &mut components, observer, cancel)?
     };
