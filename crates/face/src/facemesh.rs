@@ -20,6 +20,9 @@ use crate::{FaceError, Input, OnnxModel};
 
 const SIZE: u32 = 192;
 
+/// MediaPipe's `face_landmark.onnx` (Apache-2.0; provenance in `tests/assets/LICENSES.md`).
+static FACE_LANDMARK: &[u8] = include_bytes!("../tests/assets/face_landmark.onnx");
+
 /// Full-image masks (255 inside) of one face's regions.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FaceRegions {
@@ -80,6 +83,11 @@ impl FaceMesh {
     /// Loads `face_landmark.onnx`.
     pub fn load(path: impl AsRef<Path>, threads: usize) -> Result<Self, FaceError> {
         Ok(Self { model: OnnxModel::load(path, threads)? })
+    }
+
+    /// The embedded `face_landmark.onnx` (no download).
+    pub fn embedded(threads: usize) -> Result<Self, FaceError> {
+        Ok(Self { model: OnnxModel::from_memory(FACE_LANDMARK, "face_landmark.onnx", threads)? })
     }
 
     /// The mesh of `face`.

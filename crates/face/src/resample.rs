@@ -262,6 +262,8 @@ fn resize_linear_f64(src: &[f64], (sw, sh): (usize, usize), channels: usize, (dw
 pub enum PilFilter {
     /// `Image.BILINEAR` (triangle, support 1).
     Bilinear,
+    /// `Image.BICUBIC` (Keys cubic with `a = -0.5`, support 2; `Image.resize`'s default).
+    Bicubic,
     /// `Image.LANCZOS` (Lanczos-3).
     Lanczos,
 }
@@ -270,6 +272,7 @@ impl PilFilter {
     fn support(self) -> f64 {
         match self {
             Self::Bilinear => 1.0,
+            Self::Bicubic => 2.0,
             Self::Lanczos => 3.0,
         }
     }
@@ -278,6 +281,16 @@ impl PilFilter {
         let sinc = |x: f64| if x == 0.0 { 1.0 } else { (x * std::f64::consts::PI).sin() / (x * std::f64::consts::PI) };
         match self {
             Self::Bilinear => (1.0 - x.abs()).max(0.0),
+            Self::Bicubic => {
+                let (a, x) = (-0.5, x.abs());
+                if x < 1.0 {
+                    ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+                } else if x < 2.0 {
+                    (((x - 5.0) * x + 8.0) * x - 4.0) * a
+                } else {
+                    0.0
+                }
+            }
             Self::Lanczos if (-3.0..3.0).contains(&x) => sinc(x) * sinc(x / 3.0),
             Self::Lanczos => 0.0,
         }

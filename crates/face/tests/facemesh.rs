@@ -41,6 +41,7 @@ fn facemesh_regions_sit_on_the_face() -> anyhow::Result<()> {
     let mesh_model = FaceMesh::load(asset("face_landmark.onnx"), 1)?;
     let mesh = mesh_model.mesh(&img, &face)?;
     assert_eq!(mesh.points.len(), 468);
+    assert_eq!(FaceMesh::embedded(1)?.mesh(&img, &face)?, mesh, "the embedded model is the asset");
     let centre = |idx: &[usize]| {
         let n = idx.len() as f32;
         let (sx, sy) = idx.iter().fold((0.0, 0.0), |(x, y), &i| (x + mesh.points[i][0], y + mesh.points[i][1]));
