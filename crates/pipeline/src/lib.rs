@@ -15,6 +15,7 @@
 //! - [`progress`]: progress observers and cancellation, shared by downloads and flows.
 //! - [`components`]: the infer flow's models (SD1.5 base, ControlNets, face models, style LoRA).
 //! - [`infer`]: the infer flow, one template to a batch, multi-person templates.
+//! - [`latent_mask`]: the WebUI's latent inpainting mask (Pillow bicubic reduction, rounded).
 //! - [`cli`] (feature `cli`): the `easyphoto` command line.
 //! - [`error`]: the crate's error type.
 
@@ -26,6 +27,7 @@ pub mod download;
 pub mod error;
 pub mod infer;
 pub mod jobs;
+pub mod latent_mask;
 pub mod models;
 pub mod original_backup;
 pub mod progress;
