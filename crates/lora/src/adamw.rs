@@ -66,9 +66,12 @@ impl AdamW {
         let bc1 = 1.0 - c.adam_beta1.powi(t);
         let bc2_sqrt = (1.0 - c.adam_beta2.powi(t)).sqrt();
         for (((p, lr), g), (m, v)) in params.iter().zip(grads).zip(self.moments.iter_mut()) {
+            // candle's gradients of variables still reference the forward graph they came from;
+            // moments built on them would keep every step's graph alive.
+            let g = &g.detach();
             *m = ((m.affine(c.adam_beta1, 0.0)? + g.affine(1.0 - c.adam_beta1, 0.0)?)?).contiguous()?;
             *v = ((v.affine(c.adam_beta2, 0.0)? + g.sqr()?.affine(1.0 - c.adam_beta2, 0.0)?)?).contiguous()?;
-            let decayed = p.as_tensor().affine(1.0 - lr * c.adam_weight_decay, 0.0)?;
+            let decayed = p.as_tensor().detach().affine(1.0 - lr * c.adam_weight_decay, 0.0)?;
             let denom = v.sqrt()?.affine(1.0 / bc2_sqrt, c.adam_epsilon)?;
             let update = (m.div(&denom)?).affine(lr / bc1, 0.0)?;
             p.set(&(decayed - update)?)?;
@@ -88,7 +91,7 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64, LoraEr
     let norm = sum.sqrt();
     let coef = (max_norm / (norm + 1e-6)).min(1.0);
     for g in grads.iter_mut() {
-        *g = g.affine(coef, 0.0)?;
+        *g = g.detach().affine(coef, 0.0)?;
     }
     Ok(norm)
 }

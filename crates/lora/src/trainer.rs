@@ -182,6 +182,8 @@ pub fn train(
                 let store = scaled.backward()?;
                 for ((p, _), acc) in params.iter().zip(grads.iter_mut()) {
                     if let Some(g) = store.get(p.as_tensor()) {
+                        // Detached: a variable's gradient references the forward graph.
+                        let g = &g.detach();
                         *acc = Some(match acc.take() {
                             Some(a) => (a + g)?,
                             None => g.clone(),
