@@ -1,10 +1,11 @@
-//! The `easyphoto` command line: `models list|fetch|verify`, `train`, `infer`.
+//! The `easyphoto` command line: `models list|fetch|verify`, `train`, `infer`, `creative`.
 //!
 //! Parameters keep EasyPhoto's names: a config file (`--config`, TOML or JSON) and `--set
 //! name=value` override any field of [`TrainConfig`] / [`InferConfig`]. `train` and `infer` check
 //! their inputs (user ids, photos, templates, models) before any work starts. `train` runs the
 //! [train flow](crate::train) (`--resume` continues a stopped one); `infer` runs the
-//! [infer flow](crate::infer) on every template and prints each result with its display scores.
+//! [infer flow](crate::infer) on every template and prints each result with its display scores;
+//! `creative` runs the template-free [SDXL path](crate::creative).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -13,6 +14,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::components::{ComponentPaths, Components};
 use crate::config::{InferConfig, TrainConfig, load_config};
+use crate::creative::{CreativeComponents, CreativeConfig, create, load_sdxl};
 use crate::download::{Downloader, Fetched};
 use crate::error::{PipelineError, Result};
 use crate::jobs::{InferJob, TrainJob, Workspace};
@@ -50,6 +52,8 @@ pub enum Command {
     Train(TrainArgs),
     /// Paint trained users into template photos.
     Infer(InferArgs),
+    /// Paint a user without a template: SDXL txt2img with the user's SDXL LoRA.
+    Creative(CreativeArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -128,6 +132,21 @@ pub struct InferArgs {
     pub config: ConfigArgs,
 }
 
+#[derive(Debug, Args)]
+pub struct CreativeArgs {
+    /// The user id (needs `ref_image.jpg` and an SDXL LoRA).
+    #[arg(long)]
+    pub user_id: String,
+    /// The SDXL LoRA file (default: the user's final LoRA).
+    #[arg(long)]
+    pub lora: Option<PathBuf>,
+    /// Folder for the results.
+    #[arg(long, default_value = "outputs")]
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub config: ConfigArgs,
+}
+
 /// Runs a parsed command line, printing results to `out` and progress to `observer`.
 pub fn run(cli: &Cli, out: &mut dyn Write, observer: &dyn Observer, cancel: &CancelToken) -> Result<()> {
     let manifest = Manifest::embedded()?;
@@ -137,6 +156,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write, observer: &dyn Observer, cancel: &Can
         Command::Models(ModelsCommand::Verify(sel)) => verify(cli, &manifest, sel, out, observer, cancel),
         Command::Train(args) => train(cli, &manifest, args, out, observer, cancel),
         Command::Infer(args) => infer(cli, &manifest, args, out, observer, cancel),
+        Command::Creative(args) => creative(cli, &manifest, args, out, observer, cancel),
     }
 }
 
@@ -330,6 +350,56 @@ fn infer(
     }
     for (template, e) in &report.failed {
         print(out, format_args!("{}: FAILED, skipped: {e}", template.display()))?;
+    }
+    Ok(())
+}
+
+fn creative(
+    cli: &Cli,
+    manifest: &Manifest,
+    args: &CreativeArgs,
+    out: &mut dyn Write,
+    observer: &dyn Observer,
+    cancel: &CancelToken,
+) -> Result<()> {
+    let id = UserId::new(&args.user_id)?;
+    let config: CreativeConfig = load_config(args.config.config.as_deref(), &args.config.set)?;
+    config.validate()?;
+    let ws = workspace(cli);
+    let store = &ws.store;
+    // The user's files before any model loads.
+    let lora = args.lora.clone().unwrap_or_else(|| store.lora_path(&id));
+    for path in [store.reference_image(&id), lora] {
+        if !path.is_file() {
+            return Err(PipelineError::UserNotReady { id: id.to_string(), missing: path });
+        }
+    }
+    // The face models of the display score, then the SDXL checkpoint beside the SD1.5 base.
+    let missing: Vec<_> = manifest
+        .missing(&ws.models_dir, None, &ws.endpoint)
+        .into_iter()
+        .filter(|m| m.name == "scrfd-10g" || m.name == "arcface-r50")
+        .collect();
+    if !missing.is_empty() {
+        return Err(PipelineError::ModelsMissing { models_dir: ws.models_dir.clone(), missing });
+    }
+    let path = |name: &str| manifest.get(name).map(|m| m.local_path(&ws.models_dir));
+    let named = std::path::Path::new(&config.sd_model_checkpoint);
+    let base = if named.exists() {
+        named.to_path_buf()
+    } else {
+        path("chilloutmix")?.parent().unwrap_or(&ws.models_dir).join(&config.sd_model_checkpoint)
+    };
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let mut components = CreativeComponents {
+        sd: load_sdxl(&base, candle_core::DType::F32, &candle_core::Device::Cpu)?,
+        detector: Box::new(easyphoto_face::Scrfd::load(path("scrfd-10g")?, threads)?),
+        embedder: Box::new(easyphoto_face::ArcFace::load(path("arcface-r50")?, threads)?),
+    };
+    let created = create(store, &id, args.lora.as_deref(), &mut components, &config, &args.output, observer, cancel)?;
+    for c in &created {
+        let score = c.score.map_or_else(|| "no face".to_string(), |s| format!("{s:.2}"));
+        print(out, format_args!("{}: {} (seed {}; {}: {score})", c.user_id, c.image.display(), c.seed, c.user_id))?;
     }
     Ok(())
 }

@@ -16,6 +16,7 @@
 //! - [`components`]: the infer flow's models (SD1.5 base, ControlNets, face models, style LoRA).
 //! - [`infer`]: the infer flow, one template to a batch, multi-person templates.
 //! - [`latent_mask`]: the WebUI's latent inpainting mask (Pillow bicubic reduction, rounded).
+//! - [`creative`]: the template-free SDXL txt2img with the user's SDXL LoRA.
 //! - [`cli`] (feature `cli`): the `easyphoto` command line.
 //! - [`error`]: the crate's error type.
 
@@ -23,6 +24,7 @@
 pub mod cli;
 pub mod components;
 pub mod config;
+pub mod creative;
 pub mod download;
 pub mod error;
 pub mod infer;

@@ -160,7 +160,7 @@ fn mask_tensor(mask: &GrayImage, device: &candle_core::Device) -> candle_core::R
 }
 
 /// `[1, 3, H, W]` in [0, 1] to 8-bit RGB, rounded as diffusers' `numpy_to_pil`.
-fn to_rgb(image: &Tensor) -> candle_core::Result<RgbImage> {
+pub(crate) fn to_rgb(image: &Tensor) -> candle_core::Result<RgbImage> {
     let (_, _, h, w) = image.dims4()?;
     let v: Vec<u8> = (image.squeeze(0)?.permute((1, 2, 0))?.to_dtype(DType::F32)? * 255.0)?
         .round()?
