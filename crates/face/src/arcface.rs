@@ -94,9 +94,15 @@ impl FaceEmbedder for ArcFace {
         }
         // cv2.dnn.blobFromImages: subtract the mean, then multiply by the f32 scale factor.
         let (mean, scale) = (self.config.input_mean, (1.0 / f64::from(self.config.input_std)) as f32);
-        let blob = Array4::from_shape_fn((crops.len(), 3, s, s), |(n, c, y, x)| {
-            (f32::from(crops[n].as_raw()[(y * s + x) * 3 + c]) - mean) * scale
-        });
+        let mut blob = Array4::zeros((crops.len(), 3, s, s));
+        let data = blob.as_slice_mut().expect("a new array is contiguous");
+        for (planes, crop) in data.chunks_exact_mut(3 * s * s).zip(crops) {
+            for (c, plane) in planes.chunks_exact_mut(s * s).enumerate() {
+                for (v, px) in plane.iter_mut().zip(crop.as_raw().chunks_exact(3)) {
+                    *v = (f32::from(px[c]) - mean) * scale;
+                }
+            }
+        }
         let out = self.model.run(&[(self.input.as_str(), Input::from(&blob))])?;
         let embeddings = out.into_values().next().expect("one output, checked at load");
         let dim = embeddings.len() / crops.len();

@@ -157,6 +157,28 @@ pub fn resize_area_u8(src: &[u8], (sw, sh): (usize, usize), channels: usize, (dw
         return src.to_vec();
     }
     let mut dst = vec![0u8; dw * dh * channels];
+    if (sw, sh) == (2 * dw, 2 * dh) {
+        // OpenCV's fast 2×2 average, `(sum + 2) >> 2`, row pair by row pair.
+        let (src_row, dst_row) = (sw * channels, dw * channels);
+        for (dy, out) in dst.chunks_exact_mut(dst_row).enumerate() {
+            let top = &src[2 * dy * src_row..(2 * dy + 1) * src_row];
+            let bottom = &src[(2 * dy + 1) * src_row..(2 * dy + 2) * src_row];
+            match channels {
+                3 => average_2x2::<3>(top, bottom, out),
+                _ => {
+                    for (i, d) in out.iter_mut().enumerate() {
+                        let (x, c) = (2 * (i / channels) * channels, i % channels);
+                        let sum = u32::from(top[x + c])
+                            + u32::from(top[x + channels + c])
+                            + u32::from(bottom[x + c])
+                            + u32::from(bottom[x + channels + c]);
+                        *d = ((sum + 2) >> 2) as u8;
+                    }
+                }
+            }
+        }
+        return dst;
+    }
     if sw.is_multiple_of(dw) && sh.is_multiple_of(dh) {
         let (fx, fy) = (sw / dw, sh / dh);
         let inv = 1.0 / (fx * fy) as f32;
@@ -184,6 +206,18 @@ pub fn resize_area_u8(src: &[u8], (sw, sh): (usize, usize), channels: usize, (dw
         *d = s.round_ties_even().clamp(0.0, 255.0) as u8;
     }
     dst
+}
+
+/// One output row of the 2× area reduction for `C` channels: each value the rounded mean of a
+/// 2×2 block of the `top` and `bottom` source rows.
+fn average_2x2<const C: usize>(top: &[u8], bottom: &[u8], out: &mut [u8]) {
+    let pairs = top.chunks_exact(2 * C).zip(bottom.chunks_exact(2 * C));
+    for (px, (t, b)) in out.chunks_exact_mut(C).zip(pairs) {
+        for c in 0..C {
+            let sum = u16::from(t[c]) + u16::from(t[C + c]) + u16::from(b[c]) + u16::from(b[C + c]);
+            px[c] = ((sum + 2) >> 2) as u8;
+        }
+    }
 }
 
 /// `cv2.resize(src, (dw, dh), interpolation=cv2.INTER_AREA)` on a float64 image: area weights for

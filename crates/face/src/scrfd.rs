@@ -97,13 +97,16 @@ impl Scrfd {
         let (nw, nh) = (nw.clamp(1, dw), nh.clamp(1, dh));
         let scale = (nh as f64 / h as f64) as f32;
         let resized = resize_linear_u8(img.as_raw(), (w, h), 3, (nw, nh));
-        let blob = Array4::from_shape_fn((1, 3, dh, dw), |(_, c, y, x)| {
-            if x < nw && y < nh {
-                (f32::from(resized[(y * nw + x) * 3 + c]) - 127.5) * 0.0078125
-            } else {
-                -127.5 * 0.0078125
+        // Padding is (0 − 127.5) / 128; each plane's rows are filled from the resized rows.
+        let mut blob = Array4::from_elem((1, 3, dh, dw), -127.5 * 0.0078125);
+        let data = blob.as_slice_mut().expect("a new array is contiguous");
+        for (c, plane) in data.chunks_exact_mut(dw * dh).enumerate() {
+            for (row, src) in plane.chunks_exact_mut(dw).zip(resized.chunks_exact(nw * 3)) {
+                for (v, px) in row.iter_mut().zip(src.chunks_exact(3)) {
+                    *v = (f32::from(px[c]) - 127.5) * 0.0078125;
+                }
             }
-        });
+        }
         (blob, scale)
     }
 
