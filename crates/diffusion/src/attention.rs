@@ -77,6 +77,9 @@ impl Attention {
         if let Some(out) = crate::cpu::attention::attention(&q, &k, &v, self.scale)? {
             return out.to_dtype(dtype);
         }
+        if let Some(out) = crate::cpu::attention_backward::attention(&q, &k, &v, self.scale)? {
+            return out.to_dtype(dtype);
+        }
         let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
         let scores = (q.matmul(&k.t()?)? * self.scale)?;
         softmax_last_dim(&scores)?.matmul(&v)?.to_dtype(dtype)
