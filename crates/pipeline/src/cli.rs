@@ -18,7 +18,7 @@ use crate::creative::{CreativeComponents, CreativeConfig, create, load_sdxl};
 use crate::download::{Downloader, Fetched};
 use crate::error::{PipelineError, Result};
 use crate::jobs::{InferJob, TrainJob, Workspace};
-use crate::models::{self, DEFAULT_ENDPOINT, Flow, Manifest, ModelFile, Verification};
+use crate::models::{self, Checksum, DEFAULT_ENDPOINT, Flow, Lock, Manifest, ModelFile, Verification};
 use crate::progress::{CancelToken, Observer};
 use crate::train::{TrainComponents, resume_user, train_user};
 use crate::user::{UserId, UserStore};
@@ -60,9 +60,10 @@ pub enum Command {
 pub enum ModelsCommand {
     /// Every model file, its role, licence and whether it is present.
     List(Selection),
-    /// Download missing files (resumes partial downloads, checks sizes and sha256).
+    /// Download missing files (resumes partial downloads, checks sizes and sha256; records the
+    /// sha256 of files without a published one in `models.lock`).
     Fetch(Selection),
-    /// Re-read files and compare sizes and sha256 with the manifest.
+    /// Re-read files and compare sizes and sha256 with the manifest or `models.lock`.
     Verify(Selection),
 }
 
@@ -217,12 +218,15 @@ fn fetch(
     }
     let token = std::env::var("HF_TOKEN").ok();
     let downloader = Downloader::new(&cli.endpoint).with_token(token);
+    let mut lock = Lock::load(&cli.models_dir)?;
     // One failed file does not stop the others; the first error is returned at the end.
     let mut first_error = None;
     for m in models {
-        match downloader.fetch(m, &cli.models_dir, observer, cancel) {
+        let was_locked = lock.get(&m.name).is_some();
+        match models::fetch_locked(&downloader, m, &cli.models_dir, &mut lock, observer, cancel) {
             Ok(Fetched { sha256: Some(sha), downloaded: true, size, .. }) => {
-                print(out, format_args!("{}: downloaded {size} bytes, sha256 {sha}", m.name))?
+                let locked = if !was_locked && lock.get(&m.name).is_some() { "; recorded in models.lock" } else { "" };
+                print(out, format_args!("{}: downloaded {size} bytes, sha256 {sha}{locked}", m.name))?
             }
             Ok(fetched) => print(out, format_args!("{}: present ({} bytes)", m.name, fetched.size))?,
             Err(e @ PipelineError::Cancelled { .. }) => return Err(e),
@@ -245,8 +249,10 @@ fn verify(
 ) -> Result<()> {
     let mut missing = Vec::new();
     let mut bad = Vec::new();
+    let lock = Lock::load(&cli.models_dir)?;
     for m in select(manifest, sel)? {
-        let result = models::verify(m, &cli.models_dir, observer, cancel)?;
+        let result = models::verify(m, &cli.models_dir, &lock, observer, cancel)?;
+        let source = if m.sha256 == Checksum::Unknown { " (recorded in models.lock)" } else { "" };
         let line = match &result {
             Verification::Missing => {
                 missing.extend(
@@ -255,13 +261,22 @@ fn verify(
                 "missing".to_string()
             }
             Verification::Verified { sha256 } => format!("ok, sha256 {sha256}"),
-            Verification::Unpinned { sha256, size } => {
-                format!("present, {size} bytes, sha256 {sha256} (the manifest publishes no sha256 to compare with)")
+            Verification::Locked { sha256 } => format!("ok, sha256 {sha256} (pinned in models.lock at its download)"),
+            Verification::Unpinned { sha256, size } => format!(
+                "UNPINNED: {size} bytes, sha256 {sha256}; no published sha256 and no models.lock entry \
+                 (not downloaded by `models fetch`: compare the sha256 with the file's source)"
+            ),
+            Verification::WrongSize { expected, actual } => {
+                format!("WRONG SIZE: {actual} bytes, expected {expected}{source}")
             }
-            Verification::WrongSize { expected, actual } => format!("WRONG SIZE: {actual} bytes, expected {expected}"),
-            Verification::WrongChecksum { expected, actual } => format!("WRONG SHA256: {actual}, expected {expected}"),
+            Verification::WrongChecksum { expected, actual } => {
+                format!("WRONG SHA256: {actual}, expected {expected}{source}")
+            }
+            Verification::ImplausibleSize { approx, actual } => {
+                format!("IMPLAUSIBLE SIZE: {actual} bytes, the file is about {approx} (truncated or not the model?)")
+            }
         };
-        if matches!(result, Verification::WrongSize { .. } | Verification::WrongChecksum { .. }) {
+        if !result.is_usable() && result != Verification::Missing {
             bad.push(format!("{} ({})", m.name, m.local_path(&cli.models_dir).display()));
         }
         print(out, format_args!("{}: {line}", m.name))?;

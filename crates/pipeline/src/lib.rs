@@ -8,7 +8,7 @@
 //! - [`train`]: the train flow, photos to the user's final LoRA and best face (its steps in
 //!   `train/`: preprocess, validation, face_id_score, fuse).
 //! - [`models`]: the manifest of every model file the flows need, resolved under a models
-//!   directory, with `verify` and the offline check.
+//!   directory, with `verify`, the offline check and the lock of downloaded digests.
 //! - [`download`]: resumable, checked downloads of manifest files (Hugging Face URL scheme).
 //! - [`jobs`]: the checked inputs of the train and infer flows (ids, photos, templates, users, models).
 //! - [`config`]: the flows' parameters with EasyPhoto's names and defaults, from files and overrides.
@@ -43,7 +43,7 @@ pub use download::{Downloader, Fetched};
 pub use error::{PipelineError, Result};
 pub use infer::{InferReport, run_job};
 pub use jobs::{InferJob, TrainJob, Workspace};
-pub use models::{Flow, Manifest, MissingModel, ModelFile, Verification};
+pub use models::{Flow, Lock, Manifest, MissingModel, ModelFile, Verification};
 pub use progress::{CancelToken, Observer, Progress, Silent};
 pub use train::{BaseModel, Photos, TrainComponents, TrainOutcome, resume_user, train_user};
 pub use user::{UserId, UserInfo, UserStore, write_atomic};

@@ -6,14 +6,23 @@
 //! Hugging Face URL scheme (so `HF_ENDPOINT` mirrors work). Sizes and sha256 digests are checked
 //! where the manifest knows them, and the manifest says `sha256 = "unknown"` where no source
 //! publishes one rather than inventing a value.
+//!
+//! For those files the models directory keeps a [`Lock`] (`models.lock`), as Cargo keeps
+//! `Cargo.lock`: [`fetch_locked`] records the size and sha256 of what it downloaded (trust on
+//! first use), and from then on downloads and [`verify`] are checked against that record. A file
+//! with neither a published nor a recorded digest is reported [`Verification::Unpinned`], after a
+//! plausibility check of its size against the manifest's approximate size (a truncated download
+//! or an HTML error page saved under a model's name is refused).
 
+use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-use crate::download::sha256_file;
+use crate::download::{Downloader, Fetched, sha256_file};
 use crate::error::{PipelineError, Result};
 use crate::progress::{CancelToken, Observer};
+use crate::user::write_atomic;
 
 /// The default download endpoint (`HF_ENDPOINT` overrides it in the CLI).
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
@@ -35,17 +44,34 @@ pub enum Checksum {
     Unknown,
 }
 
+fn is_sha256(text: &str) -> bool {
+    text.len() == 64 && text.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 impl<'de> Deserialize<'de> for Checksum {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
         let text = String::deserialize(d)?;
         if text == "unknown" {
             return Ok(Self::Unknown);
         }
-        if text.len() == 64 && text.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        if is_sha256(&text) {
             return Ok(Self::Sha256(text));
         }
         Err(serde::de::Error::custom(format!("sha256 {text:?} is neither 64 lowercase hex digits nor \"unknown\"")))
     }
+}
+
+/// Bytes of a size written for people (`"2.13 GB"`, `"176 kB"`, `"1 B"`; decimal units).
+fn parse_approx_size(text: &str) -> Option<f64> {
+    let (number, unit) = text.trim().split_once(' ')?;
+    let scale = match unit {
+        "B" => 1.0,
+        "kB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        _ => return None,
+    };
+    number.parse::<f64>().ok().filter(|n| n.is_finite() && *n > 0.0).map(|n| n * scale)
 }
 
 /// One model file of the manifest (field meanings are documented at the top of `models.toml`).
@@ -85,6 +111,12 @@ impl ModelFile {
     pub fn needed_by(&self, flow: Flow) -> bool {
         self.flows.contains(&flow)
     }
+
+    /// Whether `size` is within a factor of 2 of `approx_size`: the only size check of a file
+    /// whose exact size nobody published or recorded.
+    pub fn plausible_size(&self, size: u64) -> bool {
+        parse_approx_size(&self.approx_size).is_none_or(|approx| (approx / 2.0..=approx * 2.0).contains(&(size as f64)))
+    }
 }
 
 /// Percent-encodes every byte outside `[A-Za-z0-9-._~/]`.
@@ -118,25 +150,124 @@ pub enum Verification {
     Verified {
         sha256: String,
     },
-    /// Present, size matches where known, but the manifest has no sha256 to compare with.
+    /// Size and sha256 match what [`Lock`] recorded at the file's first download (the manifest
+    /// publishes none).
+    Locked {
+        sha256: String,
+    },
+    /// Present with a plausible size, but neither the manifest nor the lock has a sha256 to
+    /// compare with (a file put in place by hand).
     Unpinned {
         sha256: String,
         size: u64,
     },
+    /// The size differs from the manifest's or the lock's.
     WrongSize {
         expected: u64,
         actual: u64,
     },
+    /// The sha256 differs from the manifest's or the lock's.
     WrongChecksum {
         expected: String,
         actual: String,
+    },
+    /// No exact size is known, and the size is not within a factor of 2 of the approximate one.
+    ImplausibleSize {
+        approx: String,
+        actual: u64,
     },
 }
 
 impl Verification {
     pub fn is_usable(&self) -> bool {
-        matches!(self, Self::Verified { .. } | Self::Unpinned { .. })
+        matches!(self, Self::Verified { .. } | Self::Locked { .. } | Self::Unpinned { .. })
     }
+}
+
+/// The lock file's name under the models directory.
+pub const LOCK_FILE: &str = "models.lock";
+
+/// What [`Lock`] knows of one file: its size and sha256 at its first download, and from where.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Locked {
+    pub size: u64,
+    pub sha256: String,
+    pub url: String,
+}
+
+/// The sizes and sha256 digests of the downloaded files whose manifest entries publish none,
+/// kept in `<models dir>/models.lock` (TOML, one table per model name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lock {
+    path: PathBuf,
+    files: BTreeMap<String, Locked>,
+}
+
+impl Lock {
+    /// The lock of `models_dir` (empty when there is no lock file yet). A lock file that does
+    /// not parse is refused, naming it: delete it to re-pin.
+    pub fn load(models_dir: &Path) -> Result<Self> {
+        let path = models_dir.join(LOCK_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(source) => return Err(PipelineError::Read { path, source }),
+        };
+        let bad = |reason: String| PipelineError::InvalidInput { path: path.clone(), reason };
+        let files: BTreeMap<String, Locked> = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        if let Some((name, _)) = files.iter().find(|(_, f)| !is_sha256(&f.sha256)) {
+            return Err(bad(format!("{name}: sha256 is not 64 lowercase hex digits")));
+        }
+        Ok(Self { path, files })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Locked> {
+        self.files.get(name)
+    }
+
+    /// `model` as it is checked: the manifest's entry, with the size and sha256 recorded here
+    /// where the manifest publishes no sha256.
+    pub fn pin(&self, model: &ModelFile) -> ModelFile {
+        let mut pinned = model.clone();
+        if let (Checksum::Unknown, Some(locked)) = (&model.sha256, self.get(&model.name)) {
+            pinned.sha256 = Checksum::Sha256(locked.sha256.clone());
+            pinned.size = Some(locked.size);
+        }
+        pinned
+    }
+
+    /// Records `name` and writes the lock file (atomically).
+    pub fn record(&mut self, name: &str, locked: Locked) -> Result<()> {
+        self.files.insert(name.to_string(), locked);
+        let body = toml::to_string(&self.files)
+            .map_err(|e| PipelineError::InvalidInput { path: self.path.clone(), reason: e.to_string() })?;
+        let text = format!(
+            "# The size and sha256 of each model file `easyphoto models fetch` downloaded without a\n\
+             # published sha256 (trust on first use); later downloads and `models verify` are checked\n\
+             # against them. Delete an entry to accept a new version of its file.\n\n{body}"
+        );
+        write_atomic(&self.path, text.as_bytes())
+    }
+}
+
+/// Downloads `model` (unless present) checked against the manifest or `lock`, and records the
+/// size and sha256 of a file downloaded with neither in `lock` (trust on first use).
+pub fn fetch_locked(
+    downloader: &Downloader,
+    model: &ModelFile,
+    models_dir: &Path,
+    lock: &mut Lock,
+    observer: &dyn Observer,
+    cancel: &CancelToken,
+) -> Result<Fetched> {
+    let pinned = lock.pin(model);
+    let fetched = downloader.fetch(&pinned, models_dir, observer, cancel)?;
+    if let (Checksum::Unknown, Some(sha256), true) = (&pinned.sha256, &fetched.sha256, fetched.downloaded) {
+        let url = model.url(downloader.endpoint());
+        lock.record(&model.name, Locked { size: fetched.size, sha256: sha256.clone(), url })?;
+    }
+    Ok(fetched)
 }
 
 /// The list of model files.
@@ -175,6 +306,9 @@ impl Manifest {
             }
             if m.flows.is_empty() {
                 return Err(bad(m, "needed by no flow"));
+            }
+            if parse_approx_size(&m.approx_size).is_none() {
+                return Err(bad(m, "approx_size is not `<number> B|kB|MB|GB`"));
             }
         }
         Ok(Self { models: file.model })
@@ -220,10 +354,12 @@ impl Manifest {
     }
 }
 
-/// Checks the file of `model` under `models_dir`: size where the manifest knows it, then sha256.
+/// Checks the file of `model` under `models_dir` against the manifest, else against `lock`:
+/// the exact size where known (else its plausibility), then the sha256.
 pub fn verify(
     model: &ModelFile,
     models_dir: &Path,
+    lock: &Lock,
     observer: &dyn Observer,
     cancel: &CancelToken,
 ) -> Result<Verification> {
@@ -234,11 +370,18 @@ pub fn verify(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Verification::Missing),
         Err(source) => return Err(PipelineError::Read { path, source }),
     };
-    if let Some(expected) = model.size.filter(|&s| s != size) {
-        return Ok(Verification::WrongSize { expected, actual: size });
+    let pinned = lock.pin(model);
+    match pinned.size {
+        Some(expected) if expected != size => return Ok(Verification::WrongSize { expected, actual: size }),
+        None if !model.plausible_size(size) => {
+            return Ok(Verification::ImplausibleSize { approx: model.approx_size.clone(), actual: size });
+        }
+        _ => {}
     }
     let actual = sha256_file(&path, &model.name, observer, cancel)?;
-    Ok(match &model.sha256 {
+    let by_lock = model.sha256 == Checksum::Unknown;
+    Ok(match &pinned.sha256 {
+        Checksum::Sha256(expected) if *expected == actual && by_lock => Verification::Locked { sha256: actual },
         Checksum::Sha256(expected) if *expected == actual => Verification::Verified { sha256: actual },
         Checksum::Sha256(expected) => Verification::WrongChecksum { expected: expected.clone(), actual },
         Checksum::Unknown => Verification::Unpinned { sha256: actual, size },

@@ -309,12 +309,32 @@ fn models_list_fetch_and_verify_through_the_binary() {
     );
     let (ok, out, err) = binary(&s, &["--endpoint", &server.base, "models", "fetch", "template-1"]);
     assert!(ok, "{err}");
-    assert!(out.contains(&format!("template-1: downloaded 90000 bytes, sha256 {}", sha256_hex(&body))), "{out}");
+    let sha = sha256_hex(&body);
+    assert!(
+        out.contains(&format!("template-1: downloaded 90000 bytes, sha256 {sha}; recorded in models.lock")),
+        "{out}"
+    );
     assert_eq!(std::fs::read(s.path("models/training_templates/1.jpg")).unwrap(), body);
 
+    // Pinned at its download (the manifest publishes no sha256 for it): changed bytes fail.
     let (ok, out, _) = binary(&s, &["models", "verify", "template-1"]);
     assert!(ok);
-    assert!(out.contains(&format!("template-1: present, 90000 bytes, sha256 {}", sha256_hex(&body))), "{out}");
+    assert!(out.contains(&format!("template-1: ok, sha256 {sha} (pinned in models.lock at its download)")), "{out}");
+    let mut changed = body.clone();
+    changed[0] ^= 0xff;
+    write_atomic(&s.path("models/training_templates/1.jpg"), &changed).unwrap();
+    let (ok, out, err) = binary(&s, &["models", "verify", "template-1"]);
+    assert!(!ok && err.contains("failed verification"), "{err}");
+    assert!(out.contains(&format!("expected {sha} (recorded in models.lock)")), "{out}");
+    write_atomic(&s.path("models/training_templates/1.jpg"), &body).unwrap();
+    // Put in place by hand: unpinned with a plausible size (about 199 kB), refused without.
+    write_atomic(&s.path("models/training_templates/4.jpg"), &bytes(150_000, 12)).unwrap();
+    let (ok, out, _) = binary(&s, &["models", "verify", "template-4"]);
+    assert!(ok && out.contains("template-4: UNPINNED: 150000 bytes, sha256"), "{out}");
+    write_atomic(&s.path("models/training_templates/4.jpg"), b"<html>").unwrap();
+    let (ok, out, _) = binary(&s, &["models", "verify", "template-4"]);
+    assert!(!ok && out.contains("template-4: IMPLAUSIBLE SIZE: 6 bytes, the file is about 199 kB"), "{out}");
+    std::fs::remove_file(s.path("models/training_templates/4.jpg")).unwrap();
 
     // A pinned file with the wrong contents fails verification and names the file.
     write_atomic(&s.path("models/insightface/buffalo_l/det_10g.onnx"), b"truncated").unwrap();

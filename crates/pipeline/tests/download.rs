@@ -1,6 +1,6 @@
 //! Downloads against a server started on 127.0.0.1 by the test: resume after a cut connection and
 //! across runs, a server that ignores `Range`, checksum and size mismatches, 404, retries on 5xx,
-//! and cancellation.
+//! cancellation, and the lock that pins files without a published sha256 at their first download.
 
 mod common;
 
@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use common::{Route, Seen, Server, bytes, sha256_hex};
 use easyphoto_pipeline::download::part_path;
-use easyphoto_pipeline::{CancelToken, Downloader, Manifest, ModelFile, PipelineError, Progress, Silent};
+use easyphoto_pipeline::models::{Locked, fetch_locked, verify};
+use easyphoto_pipeline::{
+    CancelToken, Downloader, Lock, Manifest, ModelFile, PipelineError, Progress, Silent, Verification,
+};
 
 const PATH: &str = "/org/weights/resolve/main/unet/model.bin";
 
@@ -311,4 +314,90 @@ fn a_part_of_an_older_version_is_not_completed_with_the_newer_one() {
     let fetched = downloader(&server).fetch(&m, dir.path(), &Silent, &CancelToken::new()).unwrap();
     assert_eq!(std::fs::read(&fetched.path).unwrap(), v2);
     assert_eq!(server.if_ranges().last().unwrap().as_deref(), Some("\"v1\""));
+}
+
+#[test]
+fn a_file_without_a_published_sha256_is_pinned_at_its_first_download() {
+    let (first, second) = (bytes(200_000, 21), bytes(200_000, 22));
+    let server = Server::start();
+    server.route(PATH, Route { body: first.clone(), ..Route::default() });
+    let dir = tempfile::tempdir().unwrap();
+    let m = model("unknown", None);
+    let dest = m.local_path(dir.path());
+    let check = |lock: &Lock| verify(&m, dir.path(), lock, &Silent, &CancelToken::new()).unwrap();
+
+    // The first download is recorded in models.lock, which a later run reads back.
+    let mut lock = Lock::load(dir.path()).unwrap();
+    assert_eq!(check(&lock), Verification::Missing);
+    let fetched = fetch_locked(&downloader(&server), &m, dir.path(), &mut lock, &Silent, &CancelToken::new()).unwrap();
+    assert!(fetched.downloaded);
+    let recorded = Locked { size: 200_000, sha256: sha256_hex(&first), url: format!("{}{PATH}", server.base) };
+    assert_eq!(lock.get("weights"), Some(&recorded));
+    let text = std::fs::read_to_string(dir.path().join("models.lock")).unwrap();
+    assert!(text.starts_with("# The size and sha256") && text.contains(&sha256_hex(&first)), "{text}");
+    let lock = Lock::load(dir.path()).unwrap();
+    assert_eq!(lock.get("weights"), Some(&recorded));
+    assert_eq!(check(&lock), Verification::Locked { sha256: sha256_hex(&first) });
+
+    // From now on the file is checked against the record: changed bytes, a truncated file.
+    let mut changed = first.clone();
+    changed[123_456] ^= 1;
+    std::fs::write(&dest, &changed).unwrap();
+    assert_eq!(
+        check(&lock),
+        Verification::WrongChecksum { expected: sha256_hex(&first), actual: sha256_hex(&changed) }
+    );
+    std::fs::write(&dest, &first[..150_000]).unwrap();
+    assert_eq!(check(&lock), Verification::WrongSize { expected: 200_000, actual: 150_000 });
+
+    // A new version served under the same name is refused, not silently accepted.
+    std::fs::remove_file(&dest).unwrap();
+    server.route(PATH, Route { body: second.clone(), ..Route::default() });
+    let mut lock = Lock::load(dir.path()).unwrap();
+    match fetch_locked(&downloader(&server), &m, dir.path(), &mut lock, &Silent, &CancelToken::new()) {
+        Err(PipelineError::ChecksumMismatch { expected, actual, .. }) => {
+            assert_eq!((expected, actual), (sha256_hex(&first), sha256_hex(&second)));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!dest.exists() && !part_path(&dest).exists());
+    assert_eq!(Lock::load(dir.path()).unwrap().get("weights"), Some(&recorded));
+
+    // A manifest that publishes the sha256 needs no record.
+    let other = tempfile::tempdir().unwrap();
+    server.route(PATH, Route { body: first.clone(), ..Route::default() });
+    let pinned = model(&sha256_hex(&first), None);
+    let mut lock = Lock::load(other.path()).unwrap();
+    fetch_locked(&downloader(&server), &pinned, other.path(), &mut lock, &Silent, &CancelToken::new()).unwrap();
+    assert_eq!(lock.get("weights"), None);
+    assert!(!other.path().join("models.lock").exists());
+}
+
+#[test]
+fn a_file_put_in_place_by_hand_is_unpinned_if_its_size_is_plausible() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model("unknown", None);
+    let lock = Lock::load(dir.path()).unwrap();
+    let dest = m.local_path(dir.path());
+    std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+    // About 300 kB: 160 kB passes, 9 bytes (an error page, a cut download) does not.
+    let body = bytes(160_000, 5);
+    std::fs::write(&dest, &body).unwrap();
+    let check = || verify(&m, dir.path(), &lock, &Silent, &CancelToken::new()).unwrap();
+    assert_eq!(check(), Verification::Unpinned { sha256: sha256_hex(&body), size: 160_000 });
+    assert!(check().is_usable());
+    std::fs::write(&dest, b"Not Found").unwrap();
+    assert_eq!(check(), Verification::ImplausibleSize { approx: "300 kB".into(), actual: 9 });
+    assert!(!check().is_usable());
+    std::fs::write(&dest, bytes(700_000, 5)).unwrap();
+    assert!(matches!(check(), Verification::ImplausibleSize { actual: 700_000, .. }));
+
+    // A lock file that does not parse is refused, naming it.
+    for text in ["[weights]\nsize = 1\n", "[weights]\nsize = 1\nsha256 = \"abc\"\nurl = \"u\"\n"] {
+        std::fs::write(dir.path().join("models.lock"), text).unwrap();
+        match Lock::load(dir.path()) {
+            Err(PipelineError::InvalidInput { path, .. }) => assert_eq!(path, dir.path().join("models.lock")),
+            other => panic!("{other:?}"),
+        }
+    }
 }
