@@ -464,3 +464,124 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     files
 }
+
+/// Set in the child process of [`a_killed_training_resumes_to_the_uninterrupted_lora`]: the
+/// folder it trains in.
+const CHILD_DIR: &str = "EASYPHOTO_PIPELINE_TRAIN_CHILD_DIR";
+
+/// The user of the killed run.
+const KILLED: &str = "被杀";
+
+/// Every file under `dir` that is not an atomic write's temporary (`.tmp*`, left by the kill).
+fn files_and_temporaries(dir: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    walk(dir).into_iter().partition(|p| !p.file_name().unwrap().to_string_lossy().starts_with(".tmp"))
+}
+
+/// The train flow as a process killed with SIGKILL after its first checkpoint, then resumed:
+/// every file it left is whole, and the resumed run ends with the bytes of an uninterrupted one.
+/// The test binary runs itself as the child (this test, with [`CHILD_DIR`] set), which trains
+/// with a pause after every step and validation image so that the kill lands inside the flow.
+#[test]
+fn a_killed_training_resumes_to_the_uninterrupted_lora() {
+    if let Ok(dir) = std::env::var(CHILD_DIR) {
+        let dir = PathBuf::from(dir);
+        let photos = write_photos(&dir.join("photos"), &astronaut_photos());
+        let slow = |e: Progress<'_>| {
+            if e.stage == "train" || e.stage == "validation" {
+                std::thread::sleep(std::time::Duration::from_millis(400));
+            }
+        };
+        let id = UserId::new(KILLED).unwrap();
+        let store = UserStore::new(dir.join("root"));
+        train_user(&store, &id, Photos::Files(&photos), &config(), &mut components(), &slow, &CancelToken::new())
+            .unwrap();
+        return;
+    }
+
+    // The uninterrupted run.
+    let dir = temp_dir("killed");
+    let whole_store = UserStore::new(dir.join("whole"));
+    let whole = UserId::new("whole").unwrap();
+    let photos = write_photos(&dir.join("photos"), &astronaut_photos());
+    let uninterrupted = train_user(
+        &whole_store,
+        &whole,
+        Photos::Files(&photos),
+        &config(),
+        &mut components(),
+        &Silent,
+        &CancelToken::new(),
+    )
+    .unwrap();
+
+    // The child, killed once checkpoint 2 and its first validation image are written.
+    let child_dir = dir.join("child");
+    std::fs::create_dir_all(&child_dir).unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "a_killed_training_resumes_to_the_uninterrupted_lora", "--test-threads=1"])
+        .env(CHILD_DIR, &child_dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let store = UserStore::new(child_dir.join("root"));
+    let id = UserId::new(KILLED).unwrap();
+    let start = Instant::now();
+    while !store.validation_image(&id, 2, 0).is_file() {
+        assert!(start.elapsed().as_secs() < 300, "the child wrote no checkpoint");
+        assert!(child.try_wait().unwrap().is_none(), "the child ended early");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child.kill().unwrap(); // SIGKILL
+    assert!(!child.wait().unwrap().success());
+    let (files, temporaries) = files_and_temporaries(&store.user_dir(&id));
+    println!("after the kill: {} files, temporaries {temporaries:?}", files.len());
+    assert!(!store.lora_path(&id).exists() && !store.checkpoint(&id, 4).exists(), "killed too late");
+    assert!(store.checkpoint(&id, 2).is_file());
+    // Whatever the kill interrupted, every file in place is whole: checkpoints and the trainer
+    // state load, images decode, user.json parses.
+    for path in &files {
+        let name = path.file_name().unwrap().to_string_lossy();
+        if name.ends_with(".safetensors") && name.starts_with("checkpoint-") {
+            load_lora(path, &Device::Cpu).unwrap();
+        } else if name.ends_with(".safetensors") {
+            candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+        } else if name.ends_with(".jpg") || name.ends_with(".png") {
+            easyphoto_face::load_rgb(path).unwrap();
+        } else if name.ends_with(".json") {
+            serde_json::from_slice::<serde_json::Value>(&std::fs::read(path).unwrap()).unwrap();
+        }
+    }
+
+    // `easyphoto train --resume`: the same checkpoints, validation images and final LoRA, byte
+    // for byte (a safetensors header is compared as JSON: the safetensors crate writes its
+    // metadata map in a per-process hash order).
+    let modified = |p: PathBuf| std::fs::metadata(p).unwrap().modified().unwrap();
+    let before = modified(store.checkpoint(&id, 2));
+    let resumed = resume_user(&store, &id, &config(), &mut components(), &Silent, &CancelToken::new()).unwrap();
+    assert_eq!(resumed.info.fused_steps, uninterrupted.info.fused_steps);
+    // It continued from checkpoint 2 rather than starting over.
+    assert_eq!(modified(store.checkpoint(&id, 2)), before);
+    let pairs = [
+        (whole_store.lora_path(&whole), store.lora_path(&id)),
+        (whole_store.checkpoint(&whole, 2), store.checkpoint(&id, 2)),
+        (whole_store.checkpoint(&whole, 4), store.checkpoint(&id, 4)),
+        (whole_store.best_face_image(&whole), store.best_face_image(&id)),
+        (whole_store.validation_image(&whole, 4, 1), store.validation_image(&id, 4, 1)),
+    ];
+    for (a, b) in pairs {
+        let (a_bytes, b_bytes) = (std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+        let same = if a.extension().is_some_and(|e| e == "safetensors") {
+            safetensors_parts(&a_bytes) == safetensors_parts(&b_bytes)
+        } else {
+            a_bytes == b_bytes
+        };
+        assert!(same, "{} vs {}", a.display(), b.display());
+    }
+}
+
+/// A safetensors file's header (as JSON) and its data bytes.
+fn safetensors_parts(bytes: &[u8]) -> (serde_json::Value, &[u8]) {
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    (serde_json::from_slice(&bytes[8..8 + n]).unwrap(), &bytes[8 + n..])
+}
