@@ -21,6 +21,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
+use crate::cpu::text_layer;
 use crate::error::{DiffusionError, Result};
 use crate::layers::{LayerMut, LayerNorm, Linear, VisitLayers, softmax_last_dim};
 use crate::unet_2d_condition::ConfigIssue;
@@ -180,10 +181,45 @@ impl CLIPEncoderLayer {
         })
     }
 
+    /// `mask` is the causal mask of `x`'s length ([`causal_mask`]).
     fn forward(&self, x: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+        if let Some(y) = self.fused(x)? {
+            return Ok(y);
+        }
         let x = (self.self_attn.forward(&self.layer_norm1.forward(x)?, mask)? + x)?;
         let h = self.act.forward(&self.fc1.forward(&self.layer_norm2.forward(&x)?)?)?;
         self.fc2.forward(&h)? + x
+    }
+
+    /// The layer through the CPU kernel [`cpu::text_layer`], or `None` where it does not apply
+    /// (also when an adapter is attached to any of the projections).
+    fn fused(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let a = &self.self_attn;
+        let linears = [&a.q_proj, &a.k_proj, &a.v_proj, &a.out_proj, &self.fc1, &self.fc2];
+        if linears.iter().any(|l| !l.adapters().is_empty()) {
+            return Ok(None);
+        }
+        let Some(params) = linears.iter().map(|l| l.bias().map(|b| (l.weight(), b))).collect::<Option<Vec<_>>>() else {
+            return Ok(None);
+        };
+        let [q_proj, k_proj, v_proj, out_proj, fc1, fc2] = params[..] else { unreachable!("six projections") };
+        let weights = text_layer::LayerWeights {
+            layer_norm1: (self.layer_norm1.weight(), self.layer_norm1.bias()),
+            layer_norm2: (self.layer_norm2.weight(), self.layer_norm2.bias()),
+            eps: self.layer_norm1.eps(),
+            q_proj,
+            k_proj,
+            v_proj,
+            out_proj,
+            fc1,
+            fc2,
+            heads: a.heads,
+            act: match self.act {
+                HiddenAct::QuickGelu => text_layer::Act::QuickGelu,
+                HiddenAct::Gelu => text_layer::Act::Gelu,
+            },
+        };
+        text_layer::encoder_layer(x, &weights)
     }
 }
 

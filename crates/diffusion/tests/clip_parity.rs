@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use common::{assert_close, fixtures, io, write_checkpoint};
 use easyphoto_diffusion::diffusers_folder::{self, read_config};
+use easyphoto_diffusion::weights::random_var_builder;
 use easyphoto_diffusion::{
     CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, DiffusionError, SingleFile, TextEncoderSlot,
     VisitLayers,
@@ -104,6 +105,35 @@ fn clip_l_folder_matches_transformers() {
 #[test]
 fn clip_g_folder_with_projection_matches_transformers() {
     check_with_projection("clip_g", &clip_g_folder());
+}
+
+/// The fused CPU layer (`cpu::text_layer`) against the plain candle composition, with both
+/// activations, widths with and without whole register tiles, two 77-token chunks.
+#[test]
+fn fused_layers_match_the_plain_composition() {
+    for (hidden, heads, act) in [(96, 4, "quick_gelu"), (80, 5, "gelu")] {
+        let config = CLIPTextConfig {
+            hidden_size: hidden,
+            intermediate_size: 4 * hidden,
+            num_attention_heads: heads,
+            num_hidden_layers: 3,
+            hidden_act: act.into(),
+            vocab_size: 1000,
+            ..Default::default()
+        };
+        let model = CLIPTextModel::new(random_var_builder(DType::F32, &Device::Cpu), &config).unwrap();
+        let ids: Vec<u32> = (0..154).map(|i| (i * 37) % 1000).collect();
+        let ids = Tensor::from_vec(ids, (2, 77), &Device::Cpu).unwrap();
+        easyphoto_diffusion::cpu::set_enabled(Some(true));
+        let fused = model.forward(&ids).unwrap();
+        easyphoto_diffusion::cpu::set_enabled(Some(false));
+        let plain = model.forward(&ids).unwrap();
+        easyphoto_diffusion::cpu::set_enabled(None);
+        for (i, (a, b)) in fused.hidden_states.iter().zip(&plain.hidden_states).enumerate() {
+            assert_close(&format!("{act} hidden_states[{i}]"), a, b, TOL);
+        }
+        assert_close(&format!("{act} last_hidden_state"), &fused.last_hidden_state, &plain.last_hidden_state, TOL);
+    }
 }
 
 #[test]

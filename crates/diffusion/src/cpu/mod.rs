@@ -22,15 +22,19 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use candle_core::{CpuStorage, Layout, Result, Tensor};
 
 pub mod attention;
+pub mod causal_attention;
 pub mod attention_backward;
 pub mod conv;
 pub mod geglu;
+pub mod layer_norm;
 mod gemm;
 pub mod linear;
+pub mod linear_rows;
 pub mod norm;
 pub mod pointwise;
 pub mod profile;
 mod simd;
+pub mod text_layer;
 mod winograd;
 mod winograd43;
 
