@@ -57,12 +57,13 @@ fn main() {
     let lora = KohyaLora::new("random rank-128", modules, BTreeMap::new());
     assert_eq!(lora.len(), 192 + 72);
 
-    let (mut merge_times, mut unmerge_times) = (vec![], vec![]);
+    let (mut merge_times, mut merge_cpu, mut unmerge_times) = (vec![], vec![], vec![]);
     for _ in 0..=runs {
         let mut targets = Targets { unet: Some(&mut unet), text_encoder: Some(&mut te), text_encoder_2: None };
-        let start = Instant::now();
+        let (start, cpu) = (Instant::now(), cpu_seconds());
         let (merged, reports) = merge(&mut targets, &[(&lora, 0.9)]).unwrap();
         merge_times.push(start.elapsed().as_secs_f64());
+        merge_cpu.push(cpu_seconds() - cpu);
         assert_eq!(reports[0].applied, 264);
         let start = Instant::now();
         merged.unmerge(&mut targets).unwrap();
@@ -75,9 +76,10 @@ fn main() {
         v[v.len() / 2]
     };
     println!(
-        "{{\"bench\": \"merge_rank128_sd15\", \"modules\": {}, \"merge_median_s\": {:.4}, \"unmerge_median_s\": {:.4}, \"runs\": {runs}, \"threads\": {}}}",
+        "{{\"bench\": \"merge_rank128_sd15\", \"modules\": {}, \"merge_median_s\": {:.4}, \"merge_cpu_median_s\": {:.2}, \"unmerge_median_s\": {:.4}, \"runs\": {runs}, \"threads\": {}}}",
         lora.len(),
         median(&mut merge_times),
+        median(&mut merge_cpu),
         median(&mut unmerge_times),
         rayon_threads()
     );
@@ -88,4 +90,15 @@ fn rayon_threads() -> usize {
         .ok()
         .and_then(|t| t.parse().ok())
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// CPU time (user + system, all threads) of this process so far, in seconds (10 ms ticks):
+/// divided by the thread count, the merge's duration on an idle machine.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
 }
