@@ -1,5 +1,5 @@
-"""Writes the image-input test files of crates/face (decoding, EXIF orientation, grey, alpha,
-16-bit, corrupt, unsupported, decompression bomb) and what EasyPhoto's loader makes of them.
+"""Writes the image-input test files of crates/face (PNG, JPEG, BMP, TIFF; EXIF orientation, grey,
+alpha, 16-bit, corrupt, unsupported, decompression bomb) and what EasyPhoto's loader makes of them.
 
 EasyPhoto reads an upload as `ImageOps.exif_transpose(Image.open(f)).convert("RGB")`
 (scripts/easyphoto_train.py); the expected pixels are exactly that, except for 16-bit grey, where
@@ -80,6 +80,21 @@ def main():
     scaled = np.floor(grey16.astype(np.float64) * 255 / 65535 + 0.5).astype(np.uint8)
     expected["grey16.png"] = np.repeat(scaled[..., None], 3, -1)
 
+    # BMP (24-bit, and 8-bit grey with a palette) and TIFF (LZW RGB, RGBA, 16-bit grey).
+    for name, img, fmt, opts in [
+        ("rgb.bmp", Image.fromarray(blocks(24, 16)), "BMP", {}),
+        ("grey.bmp", Image.fromarray(grey, "L"), "BMP", {}),
+        ("rgb_lzw.tif", Image.fromarray(blocks(24, 16)), "TIFF", {"compression": "tiff_lzw"}),
+        ("rgba.tif", Image.fromarray(np.concatenate([blocks(24, 16), alpha[..., None]], -1), "RGBA"), "TIFF", {}),
+        ("grey16.tif", Image.fromarray(grey16), "TIFF", {}),
+    ]:
+        buf = io.BytesIO()
+        img.save(buf, fmt, **opts)
+        files[name] = buf.getvalue()
+    expected["grey16.tif"] = expected["grey16.png"]
+    files["truncated.bmp"] = files["rgb.bmp"][: len(files["rgb.bmp"]) // 2]
+    files["truncated.tif"] = files["rgb_lzw.tif"][: len(files["rgb_lzw.tif"]) // 2]
+
     files["truncated.png"] = files["rgba.png"][: len(files["rgba.png"]) // 2]
     files["empty.png"] = b""
     files["not_an_image.png"] = b"this is a text file, not a picture\n"
@@ -93,8 +108,8 @@ def main():
 
     for name, data in files.items():
         (ASSETS / name).write_bytes(data)
-        if name not in expected and name.endswith((".jpg", ".png")) and name not in (
-            "truncated.png", "empty.png", "not_an_image.png", "bomb.png"):
+        if name not in expected and name.endswith((".jpg", ".png", ".bmp", ".tif")) and not name.startswith(
+            ("truncated.", "empty.", "not_an_image.", "bomb.")):
             expected[name] = easyphoto_rgb(data)
     # The raw RGB under the RGBA/LA alpha, to show alpha is dropped rather than composited.
     save_file({k: np.ascontiguousarray(v) for k, v in sorted(expected.items())},

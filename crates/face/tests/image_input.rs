@@ -30,6 +30,17 @@ fn lossless_inputs_match_pillow_exactly() -> anyhow::Result<()> {
 }
 
 #[test]
+fn bmp_and_tiff_inputs_match_pillow_exactly() -> anyhow::Result<()> {
+    let fixture = Fixture::open("image_inputs.safetensors")?;
+    // 24-bit and 8-bit palette BMP; LZW RGB, RGBA (alpha dropped) and 16-bit grey (scaled) TIFF.
+    for name in ["rgb.bmp", "grey.bmp", "rgb_lzw.tif", "rgba.tif", "grey16.tif"] {
+        let img = load_rgb(image_file(name))?;
+        assert_eq!(max_diff_to_expected(&fixture, name, &img)?, 0, "{name}");
+    }
+    Ok(())
+}
+
+#[test]
 fn exif_rotated_jpegs_match_pillow() -> anyhow::Result<()> {
     let fixture = Fixture::open("image_inputs.safetensors")?;
     for name in ["exif_orientation_3.jpg", "exif_orientation_6.jpg", "exif_orientation_8.jpg"] {
@@ -71,9 +82,11 @@ type IsExpected = fn(&FaceError) -> bool;
 
 #[test]
 fn bad_files_give_typed_errors_naming_the_file() {
-    let cases: [(&str, IsExpected); 5] = [
+    let cases: [(&str, IsExpected); 7] = [
         ("empty.png", |e| matches!(e, FaceError::EmptyImage { .. })),
         ("truncated.png", |e| matches!(e, FaceError::ImageDecode { .. })),
+        ("truncated.bmp", |e| matches!(e, FaceError::ImageDecode { .. })),
+        ("truncated.tif", |e| matches!(e, FaceError::ImageDecode { .. })),
         ("not_an_image.png", |e| matches!(e, FaceError::UnsupportedImage { .. })),
         ("unsupported.gif", |e| matches!(e, FaceError::UnsupportedImage { .. })),
         ("missing.png", |e| matches!(e, FaceError::ImageRead { .. })),
