@@ -3,7 +3,8 @@
 //!
 //! Decoding follows MediaPipe's `TensorsToDetectionsCalculator` options for this model: SSD anchors
 //! (strides 8, 16, 16, 16; fixed size; 2 and 6 per cell), offsets scaled by 1/128, sigmoid scores
-//! clipped at ±100, threshold 0.5, then weighted non-maximum suppression at IoU 0.3. The image is
+//! clipped at ±100, threshold 0.5, boxes of negative size dropped, then weighted non-maximum
+//! suppression at IoU 0.3. The image is
 //! letterboxed to a square (centred, black bars) as MediaPipe keeps the aspect ratio.
 
 use std::path::Path;
@@ -80,6 +81,9 @@ impl BlazeFace {
             let s = SIZE as f32;
             let (cx, cy) = (r[0] / s + anchor[0], r[1] / s + anchor[1]);
             let (bw, bh) = (r[2] / s, r[3] / s);
+            if !(bw >= 0.0 && bh >= 0.0) {
+                continue; // MediaPipe drops boxes of negative (or NaN) size
+            }
             let [x1, y1] = to_image([cx - bw / 2.0, cy - bh / 2.0]);
             let [x2, y2] = to_image([cx + bw / 2.0, cy + bh / 2.0]);
             let keypoints =
