@@ -80,6 +80,6 @@ fn blazeface_and_facemesh_match_mediapipe_reference() -> anyhow::Result<()> {
 /// matrices that agree to ~1e-15 but not bit for bit (f64 ROI arithmetic in a different order), so
 /// a few bilinear samples round to the neighbouring level (as in the `norm_crop` parity test);
 /// the mesh moves by at most 2.1e-3 px in x/y and 3.3e-3 in z in response (measured on these
-/// cases). Detection, which
-/// shares its input tensor with the reference, agrees to float32 rounding.
+/// cases). Detection, which shares its input tensor with the reference, agrees to float32
+/// rounding.
 const MESH_TOL: f64 = 5e-3;
