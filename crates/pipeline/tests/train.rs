@@ -477,15 +477,52 @@ fn files_and_temporaries(dir: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
     walk(dir).into_iter().partition(|p| !p.file_name().unwrap().to_string_lossy().starts_with(".tmp"))
 }
 
-/// The train flow as a process killed with SIGKILL after its first checkpoint, then resumed:
-/// every file it left is whole, and the resumed run ends with the bytes of an uninterrupted one.
-/// The test binary runs itself as the child (this test, with [`CHILD_DIR`] set), which trains
-/// with a pause after every step and validation image so that the kill lands inside the flow.
+/// Runs this test binary as the training child in `child_dir` (a new training, or a resumed one
+/// once `user.json` exists) and kills it with SIGKILL as soon as `file` exists; then checks that
+/// every file the child left is whole (checkpoints and the trainer state load, images decode,
+/// JSON parses) and returns them.
+fn kill_child_at(child_dir: &Path, store: &UserStore, id: &UserId, file: &Path) -> Vec<PathBuf> {
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "a_killed_training_resumes_to_the_uninterrupted_lora", "--test-threads=1"])
+        .env(CHILD_DIR, child_dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !file.is_file() {
+        assert!(start.elapsed().as_secs() < 300, "the child did not write {}", file.display());
+        assert!(child.try_wait().unwrap().is_none(), "the child ended early");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child.kill().unwrap(); // SIGKILL
+    assert!(!child.wait().unwrap().success());
+    let (files, temporaries) = files_and_temporaries(&store.user_dir(id));
+    println!("killed after {}: {} files, temporaries {temporaries:?}", file.display(), files.len());
+    for path in &files {
+        let name = path.file_name().unwrap().to_string_lossy();
+        if name.ends_with(".safetensors") && name.starts_with("checkpoint-") {
+            load_lora(path, &Device::Cpu).unwrap();
+        } else if name.ends_with(".safetensors") {
+            candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+        } else if name.ends_with(".jpg") || name.ends_with(".png") {
+            easyphoto_face::load_rgb(path).unwrap();
+        } else if name.ends_with(".json") {
+            serde_json::from_slice::<serde_json::Value>(&std::fs::read(path).unwrap()).unwrap();
+        }
+    }
+    files
+}
+
+/// The train flow as a process killed with SIGKILL twice (in the validation of checkpoint 2,
+/// then, resumed, in that of checkpoint 4), then resumed: every file it left is whole, and the
+/// last run ends with the bytes of an uninterrupted one. The test binary runs itself as the
+/// child (this test, with [`CHILD_DIR`] set), which trains with a pause after every step and
+/// validation image so that the kills land inside the flow.
 #[test]
 fn a_killed_training_resumes_to_the_uninterrupted_lora() {
     if let Ok(dir) = std::env::var(CHILD_DIR) {
         let dir = PathBuf::from(dir);
-        let photos = write_photos(&dir.join("photos"), &astronaut_photos());
         let slow = |e: Progress<'_>| {
             if e.stage == "train" || e.stage == "validation" {
                 std::thread::sleep(std::time::Duration::from_millis(400));
@@ -493,8 +530,13 @@ fn a_killed_training_resumes_to_the_uninterrupted_lora() {
         };
         let id = UserId::new(KILLED).unwrap();
         let store = UserStore::new(dir.join("root"));
-        train_user(&store, &id, Photos::Files(&photos), &config(), &mut components(), &slow, &CancelToken::new())
-            .unwrap();
+        if store.info_path(&id).is_file() {
+            resume_user(&store, &id, &config(), &mut components(), &slow, &CancelToken::new()).unwrap();
+        } else {
+            let photos = write_photos(&dir.join("photos"), &astronaut_photos());
+            train_user(&store, &id, Photos::Files(&photos), &config(), &mut components(), &slow, &CancelToken::new())
+                .unwrap();
+        }
         return;
     }
 
@@ -514,54 +556,27 @@ fn a_killed_training_resumes_to_the_uninterrupted_lora() {
     )
     .unwrap();
 
-    // The child, killed once checkpoint 2 and its first validation image are written.
     let child_dir = dir.join("child");
     std::fs::create_dir_all(&child_dir).unwrap();
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "a_killed_training_resumes_to_the_uninterrupted_lora", "--test-threads=1"])
-        .env(CHILD_DIR, &child_dir)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
     let store = UserStore::new(child_dir.join("root"));
     let id = UserId::new(KILLED).unwrap();
-    let start = Instant::now();
-    while !store.validation_image(&id, 2, 0).is_file() {
-        assert!(start.elapsed().as_secs() < 300, "the child wrote no checkpoint");
-        assert!(child.try_wait().unwrap().is_none(), "the child ended early");
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    child.kill().unwrap(); // SIGKILL
-    assert!(!child.wait().unwrap().success());
-    let (files, temporaries) = files_and_temporaries(&store.user_dir(&id));
-    println!("after the kill: {} files, temporaries {temporaries:?}", files.len());
-    assert!(!store.lora_path(&id).exists() && !store.checkpoint(&id, 4).exists(), "killed too late");
+    kill_child_at(&child_dir, &store, &id, &store.validation_image(&id, 2, 0));
     assert!(store.checkpoint(&id, 2).is_file());
-    // Whatever the kill interrupted, every file in place is whole: checkpoints and the trainer
-    // state load, images decode, user.json parses.
-    for path in &files {
-        let name = path.file_name().unwrap().to_string_lossy();
-        if name.ends_with(".safetensors") && name.starts_with("checkpoint-") {
-            load_lora(path, &Device::Cpu).unwrap();
-        } else if name.ends_with(".safetensors") {
-            candle_core::safetensors::load(path, &Device::Cpu).unwrap();
-        } else if name.ends_with(".jpg") || name.ends_with(".png") {
-            easyphoto_face::load_rgb(path).unwrap();
-        } else if name.ends_with(".json") {
-            serde_json::from_slice::<serde_json::Value>(&std::fs::read(path).unwrap()).unwrap();
-        }
-    }
+    assert!(!store.checkpoint(&id, 4).exists(), "killed too late");
+    let modified = |p: PathBuf| std::fs::metadata(p).unwrap().modified().unwrap();
+    let first_checkpoint = modified(store.checkpoint(&id, 2));
+    kill_child_at(&child_dir, &store, &id, &store.validation_image(&id, 4, 0));
+    assert!(!store.lora_path(&id).exists(), "killed too late");
+    let last_checkpoint = modified(store.checkpoint(&id, 4));
 
     // `easyphoto train --resume`: the same checkpoints, validation images and final LoRA, byte
     // for byte (a safetensors header is compared as JSON: the safetensors crate writes its
     // metadata map in a per-process hash order).
-    let modified = |p: PathBuf| std::fs::metadata(p).unwrap().modified().unwrap();
-    let before = modified(store.checkpoint(&id, 2));
     let resumed = resume_user(&store, &id, &config(), &mut components(), &Silent, &CancelToken::new()).unwrap();
     assert_eq!(resumed.info.fused_steps, uninterrupted.info.fused_steps);
-    // It continued from checkpoint 2 rather than starting over.
-    assert_eq!(modified(store.checkpoint(&id, 2)), before);
+    // Each run continued where the last one stopped rather than starting over.
+    assert_eq!(modified(store.checkpoint(&id, 2)), first_checkpoint);
+    assert_eq!(modified(store.checkpoint(&id, 4)), last_checkpoint);
     let pairs = [
         (whole_store.lora_path(&whole), store.lora_path(&id)),
         (whole_store.checkpoint(&whole, 2), store.checkpoint(&id, 2)),
