@@ -18,6 +18,7 @@ use easyphoto_diffusion::weights::random_var_builder;
 use easyphoto_diffusion::{AutoencoderKL, UNet2DConditionModel};
 
 fn main() -> anyhow::Result<()> {
+    easyphoto_diffusion::cpu::keep_freed_memory();
     let model = std::env::args().nth(1).unwrap_or_else(|| "unet".into());
     let runs: usize = std::env::args().nth(2).map_or(Ok(1), |r| r.parse())?;
     let configs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tools/bench/configs");

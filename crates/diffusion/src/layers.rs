@@ -30,7 +30,7 @@ pub struct Linear {
 impl Linear {
     /// Loads `weight` `[out, in]` (and `bias` `[out]` when `bias`) under `vb`.
     pub fn new(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
-        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let weight = stored_weight(&vb, vb.get((out_dim, in_dim), "weight")?)?;
         let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
         Ok(Self { path: vb.prefix(), inner: candle_nn::Linear::new(weight, bias), adapters: vec![] })
     }
@@ -78,10 +78,27 @@ impl Module for Linear {
         }
         let y = match crate::cpu::linear::linear(x, self.weight(), self.bias())? {
             Some(y) => y,
+            None if self.weight().dtype() != x.dtype() => {
+                candle_nn::Linear::new(like(self.weight(), x)?, self.bias().cloned()).forward(x)?
+            }
             None => self.inner.forward(x)?,
         };
         add_adapters(y, x, &self.adapters)
     }
+}
+
+/// A linear or convolution weight of an f32 model on the CPU in the dtype chosen by
+/// [`crate::cpu::set_weight_dtype`] (f16 / bf16: half the memory; the kernels compute in f32).
+fn stored_weight(vb: &VarBuilder, weight: Tensor) -> Result<Tensor> {
+    match crate::cpu::weight_dtype() {
+        dtype if vb.dtype() == DType::F32 && vb.device().is_cpu() => weight.to_dtype(dtype),
+        _ => Ok(weight),
+    }
+}
+
+/// `w` in `x`'s dtype, for the candle paths (the weight may be stored in f16 / bf16).
+fn like(w: &Tensor, x: &Tensor) -> Result<Tensor> {
+    w.to_dtype(x.dtype())
 }
 
 /// A 2-D convolution, plus the attached adapters.
@@ -103,7 +120,7 @@ impl Conv2d {
         padding: usize,
     ) -> Result<Self> {
         let cfg = candle_nn::Conv2dConfig { padding, stride, ..Default::default() };
-        let weight = vb.get((out_channels, in_channels, kernel, kernel), "weight")?;
+        let weight = stored_weight(&vb, vb.get((out_channels, in_channels, kernel, kernel), "weight")?)?;
         let bias = vb.get(out_channels, "bias")?;
         Ok(Self { path: vb.prefix(), inner: candle_nn::Conv2d::new(weight, Some(bias), cfg), adapters: vec![] })
     }
@@ -155,6 +172,9 @@ impl Module for Conv2d {
         }
         let y = match crate::cpu::conv::conv2d(x, self.inner.weight(), self.inner.bias(), self.inner.config())? {
             Some(y) => y,
+            None if self.weight().dtype() != x.dtype() => {
+                candle_nn::Conv2d::new(like(self.weight(), x)?, self.bias().cloned(), *self.config()).forward(x)?
+            }
             None => self.inner.forward(x)?,
         };
         add_adapters(y, x, &self.adapters)
@@ -178,7 +198,7 @@ fn frozen(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, kind: impl Fn() ->
         && !bias.is_some_and(|b| b.track_op())
         && x.device().is_cpu()
         && x.dtype() == DType::F32
-        && weight.dtype() == DType::F32
+        && matches!(weight.dtype(), DType::F32 | DType::F16 | DType::BF16)
         && !matches!(kind(), Frozen::Conv2d(c) if c.groups != 1);
     if !applies {
         return Ok(None);
@@ -212,11 +232,11 @@ impl candle_core::CustomOp1 for FrozenOp {
         let y = match self.kind {
             Frozen::Linear => match crate::cpu::linear::linear(&x, w, b)? {
                 Some(y) => y,
-                None => candle_nn::Linear::new(w.clone(), b.cloned()).forward(&x)?,
+                None => candle_nn::Linear::new(like(w, &x)?, b.cloned()).forward(&x)?,
             },
             Frozen::Conv2d(cfg) => match crate::cpu::conv::conv2d(&x, w, b, &cfg)? {
                 Some(y) => y,
-                None => candle_nn::Conv2d::new(w.clone(), b.cloned(), cfg).forward(&x)?,
+                None => candle_nn::Conv2d::new(like(w, &x)?, b.cloned(), cfg).forward(&x)?,
             },
         };
         let shape = y.shape().clone();
@@ -224,7 +244,7 @@ impl candle_core::CustomOp1 for FrozenOp {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let w = &self.weight;
+        let w = &like(&self.weight, grad)?;
         Ok(Some(match self.kind {
             Frozen::Linear => grad.broadcast_matmul(w)?,
             Frozen::Conv2d(cfg) => {

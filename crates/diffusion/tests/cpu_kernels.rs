@@ -256,3 +256,88 @@ fn tracked_inputs_fall_back_and_keep_their_gradients() {
     assert!(grads.get(x.as_tensor()).is_some());
     assert!(grads.get(h.as_tensor()).is_some());
 }
+
+/// `t` rounded to `dtype` and back to f32: the values a half-precision weight holds.
+fn rounded(t: &Tensor, dtype: DType) -> Tensor {
+    t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap()
+}
+
+#[test]
+fn half_weights_match_their_f32_values() {
+    // f16 / bf16 weights are converted to f32 as the kernels read them: the result equals the
+    // f32 kernel on the rounded weights, whichever path (per-task rows or whole weight) runs.
+    for dtype in [DType::F16, DType::BF16] {
+        let cfg = candle_nn::Conv2dConfig { padding: 1, ..Default::default() };
+        // Winograd, im2col tiled (stride 2), small maps batched, 1×1 in place.
+        for (x, cout, k, stride) in [
+            (&[2, 40, 50, 49][..], 33, 3, 1),
+            (&[2, 6, 41, 35], 9, 3, 2),
+            (&[3, 20, 9, 7], 300, 3, 1),
+            (&[2, 4, 33, 35], 5, 1, 1),
+        ] {
+            let cfg = candle_nn::Conv2dConfig { stride, padding: if k == 3 { 1 } else { 0 }, ..cfg };
+            let (xt, w, b) = (randn(x, 1), randn(&[cout, x[1], k, k], 2), randn(&[cout], 3));
+            let got = cpu::conv::conv2d(&xt, &w.to_dtype(dtype).unwrap(), Some(&b), &cfg).unwrap().expect("applies");
+            let want = cpu::conv::conv2d(&xt, &rounded(&w, dtype), Some(&b), &cfg).unwrap().unwrap();
+            assert_eq!(got.dtype(), DType::F32);
+            let err = rel_err(&got, &want);
+            assert!(err < 1e-6, "{dtype:?} conv {x:?} -> {cout} k{k} s{stride}: rel err {err}");
+        }
+        let x = randn(&[3, 700, 33], 60);
+        let (w, b) = (randn(&[130, 33], 61), randn(&[130], 62));
+        let got = cpu::linear::linear(&x, &w.to_dtype(dtype).unwrap(), Some(&b)).unwrap().expect("applies");
+        let want = candle_nn::Linear::new(rounded(&w, dtype), Some(b.clone())).forward(&x).unwrap();
+        assert!(rel_err(&got, &want) < 1e-5, "{dtype:?} linear");
+        let got = cpu::geglu::linear_geglu(&x, &w.to_dtype(dtype).unwrap(), Some(&b)).unwrap().expect("applies");
+        let want = cpu::geglu::linear_geglu(&x, &rounded(&w, dtype), Some(&b)).unwrap().unwrap();
+        assert!(rel_err(&got, &want) < 1e-6, "{dtype:?} linear+geglu");
+        let (map, wt) = (randn(&[2, 24, 9, 7], 80), randn(&[40, 24, 1, 1], 81));
+        let got =
+            cpu::pointwise::conv1x1_to_tokens(&map, &wt.to_dtype(dtype).unwrap(), Some(&b.narrow(0, 0, 40).unwrap()))
+                .unwrap()
+                .expect("applies");
+        let want = cpu::pointwise::conv1x1_to_tokens(&map, &rounded(&wt, dtype), Some(&b.narrow(0, 0, 40).unwrap()))
+            .unwrap()
+            .unwrap();
+        assert!(rel_err(&got, &want) < 1e-6, "{dtype:?} proj_in");
+    }
+}
+
+#[test]
+fn half_models_compute_in_f32() {
+    // An f16 input with f16 weights (a model loaded in f16): computed in f32, returned in f16.
+    let (x, w, b) = (randn(&[2, 37, 24], 90), randn(&[40, 24], 91), randn(&[40], 92));
+    let half = |t: &Tensor| t.to_dtype(DType::F16).unwrap();
+    let got = cpu::linear::linear(&half(&x), &half(&w), Some(&half(&b))).unwrap().expect("applies");
+    assert_eq!(got.dtype(), DType::F16);
+    let want = candle_nn::Linear::new(rounded(&w, DType::F16), Some(rounded(&b, DType::F16)))
+        .forward(&rounded(&x, DType::F16))
+        .unwrap();
+    // Only the final rounding to f16 differs (2^-11 relative).
+    assert!(rel_err(&got.to_dtype(DType::F32).unwrap(), &want) < 1e-3);
+}
+
+#[test]
+fn layers_keep_half_weights_and_fall_back_with_tracked_inputs() {
+    // Layers of an f32 model with f16 weights (`set_weight_dtype`): the kernels run for plain
+    // inputs; with a tracked input (LoRA training) the frozen-layer op runs and its gradient
+    // equals that of the candle composition on the rounded weights.
+    let weights = [("weight".to_string(), randn(&[12, 8, 3, 3], 4)), ("bias".to_string(), randn(&[12], 5))];
+    let vb = candle_nn::VarBuilder::from_tensors(weights.into_iter().collect(), DType::F32, &Device::Cpu);
+    let mut conv = easyphoto_diffusion::layers::Conv2d::new(vb, 8, 12, 3, 1, 1).unwrap();
+    conv.set_weight(conv.weight().to_dtype(DType::F16).unwrap()).unwrap();
+    let x = randn(&[2, 8, 20, 20], 6);
+    let w32 = rounded(&randn(&[12, 8, 3, 3], 4), DType::F16);
+    let plain = |x: &Tensor| {
+        x.conv2d(&w32, 1, 1, 1, 1).unwrap().broadcast_add(&randn(&[12], 5).reshape((1, 12, 1, 1)).unwrap()).unwrap()
+    };
+    assert!(rel_err(&conv.forward(&x).unwrap(), &plain(&x)) < 1e-5);
+    let xv = Var::from_tensor(&x).unwrap();
+    let got = conv.forward(xv.as_tensor()).unwrap();
+    assert!(rel_err(&got, &plain(&x)) < 1e-5);
+    let grad = got.sqr().unwrap().sum_all().unwrap().backward().unwrap().remove(xv.as_tensor()).unwrap();
+    let xw = Var::from_tensor(&x).unwrap();
+    let want =
+        plain(xw.as_tensor()).sqr().unwrap().sum_all().unwrap().backward().unwrap().remove(xw.as_tensor()).unwrap();
+    assert!(rel_err(&grad, &want) < 1e-5);
+}

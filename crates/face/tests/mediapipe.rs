@@ -9,8 +9,11 @@ use easyphoto_face::{BlazeFace, Face, FaceMesh};
 use image::imageops;
 use reference::{Fixture, asset, photo};
 
-/// (fixture key, photo, crop `(x, y, w, h)`): the cases of `face_mediapipe.py`.
-const CASES: [(&str, &str, Option<(u32, u32, u32, u32)>); 6] = [
+/// A crop `(x, y, w, h)` of a photo.
+type Crop = Option<(u32, u32, u32, u32)>;
+
+/// (fixture key, photo, crop): the cases of `face_mediapipe.py`.
+const CASES: [(&str, &str, Crop); 6] = [
     ("astronaut", "astronaut.png", None),
     ("camera", "camera.png", None),
     ("sample1_left", "faceapi_sample1_640.png", Some((90, 60, 170, 200))),

@@ -18,7 +18,7 @@ use std::cell::RefCell;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{SendPtr, f32_data, gemm::sgemm, inference, threads};
+use super::{SendPtr, Weights, f32_data, gemm::sgemm, gemm_dtypes, inference, threads};
 
 /// How 3×3 stride-1 convolutions of maps of at least 1024 output pixels are computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,8 +46,8 @@ impl Winograd {
 }
 
 /// `conv2d(x, weight) + bias` through the kernel, or `None` where it does not apply (a tracked
-/// gradient, a non-f32 dtype, groups or dilation other than 1, a non-CPU device): the caller
-/// then uses candle's convolution.
+/// gradient, a dtype other than f32 / f16 / bf16, groups or dilation other than 1, a non-CPU
+/// device): the caller then uses candle's convolution. Computes in f32; the result has `x`'s dtype.
 pub fn conv2d(
     x: &Tensor,
     weight: &Tensor,
@@ -70,7 +70,7 @@ pub fn conv2d_with(
     if !inference(&args)
         || cfg.groups != 1
         || cfg.dilation != 1
-        || args.iter().any(|t| t.dtype() != DType::F32)
+        || !gemm_dtypes(x, weight)
         || x.rank() != 4
         || weight.rank() != 4
         || x.dim(1)? != weight.dim(1)?
@@ -79,18 +79,20 @@ pub fn conv2d_with(
     }
     let cout = weight.dim(0)?;
     let bias = match bias {
-        Some(b) => b.contiguous()?,
+        Some(b) => b.to_dtype(DType::F32)?.contiguous()?,
         None => Tensor::zeros(cout, DType::F32, x.device())?,
     };
     if bias.dims() != [cout] {
         return Ok(None);
     }
     let op = Conv2dOp { stride: cfg.stride, padding: cfg.padding, winograd };
-    Ok(Some(x.contiguous()?.apply_op3_no_bwd(&weight.contiguous()?, &bias, &op)?))
+    let y = x.to_dtype(DType::F32)?.contiguous()?.apply_op3_no_bwd(&weight.contiguous()?, &bias, &op)?;
+    Ok(Some(y.to_dtype(x.dtype())?))
 }
 
 /// The convolution as a candle op: `x` `[B, C_in, H, W]`, `weight` `[C_out, C_in, k_h, k_w]`,
-/// `bias` `[C_out]`, all contiguous f32.
+/// `bias` `[C_out]`, all contiguous; `x` and `bias` f32, the weight f32, f16 or bf16 (converted
+/// once per call: every output tile reads all of it).
 #[derive(Debug, Clone, Copy)]
 pub struct Conv2dOp {
     pub stride: usize,
@@ -123,7 +125,8 @@ impl CustomOp3 for Conv2dOp {
         }
         let geo =
             Geometry { b, cin, h, w, cout, kh, kw, s, p, ho: (h + 2 * p - kh) / s + 1, wo: (w + 2 * p - kw) / s + 1 };
-        let out = conv_f32(f32_data(xs, xl)?, f32_data(ws, wl)?, f32_data(bs, bl)?, &geo, self.winograd);
+        let wt = Weights::of(ws, wl)?.to_f32();
+        let out = conv_f32(f32_data(xs, xl)?, &wt, f32_data(bs, bl)?, &geo, self.winograd);
         Ok((CpuStorage::F32(out), Shape::from((b, cout, geo.ho, geo.wo))))
     }
 }

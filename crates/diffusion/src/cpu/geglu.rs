@@ -67,7 +67,7 @@ multiversion! {
 pub fn linear_geglu(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
     let mut args = vec![x, weight];
     args.extend(bias);
-    if !inference(&args) || args.iter().any(|t| t.dtype() != DType::F32) || x.rank() < 2 || weight.rank() != 2 {
+    if !inference(&args) || !super::gemm_dtypes(x, weight) || x.rank() < 2 || weight.rank() != 2 {
         return Ok(None);
     }
     let (out2, inp) = weight.dims2()?;
@@ -76,14 +76,16 @@ pub fn linear_geglu(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resul
     }
     let _p = profile::scope_flops("linear+geglu", 2.0 * (x.elem_count() * out2) as f64);
     let bias = match bias {
-        Some(b) if b.dims() == [out2] => b.contiguous()?,
+        Some(b) if b.dims() == [out2] => b.to_dtype(DType::F32)?.contiguous()?,
         Some(_) => return Ok(None),
         None => Tensor::zeros(out2, DType::F32, x.device())?,
     };
-    Ok(Some(x.contiguous()?.apply_op3_no_bwd(&weight.contiguous()?, &bias, &LinearGegluOp)?))
+    let y = x.to_dtype(DType::F32)?.contiguous()?.apply_op3_no_bwd(&weight.contiguous()?, &bias, &LinearGegluOp)?;
+    Ok(Some(y.to_dtype(x.dtype())?))
 }
 
-/// [`linear_geglu`] as a candle op on contiguous f32 `(x, weight, bias)`.
+/// [`linear_geglu`] as a candle op on contiguous `(x, weight, bias)`: `x` and `bias` f32, the
+/// weight f32, f16 or bf16 (each task converts the weight rows it uses).
 #[derive(Debug, Clone, Copy)]
 pub struct LinearGegluOp;
 
@@ -93,6 +95,7 @@ const COLS: usize = 64;
 
 thread_local! {
     static BUF: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static WBUF: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl candle_core::CustomOp3 for LinearGegluOp {
@@ -111,7 +114,7 @@ impl candle_core::CustomOp3 for LinearGegluOp {
     ) -> Result<(CpuStorage, Shape)> {
         let (out2, inp) = wl.shape().dims2()?;
         let half = out2 / 2;
-        let (x, w, b) = (f32_data(xs, xl)?, f32_data(ws, wl)?, f32_data(bs, bl)?);
+        let (x, w, b) = (f32_data(xs, xl)?, super::Weights::of(ws, wl)?, f32_data(bs, bl)?);
         let rows = x.len() / inp.max(1);
         let mut y = vec![0f32; rows * half];
         let (rr, cc) = (ROWS, COLS);
@@ -126,18 +129,13 @@ impl candle_core::CustomOp3 for LinearGegluOp {
                 buf.resize(nr * 2 * nj, 0.0);
                 let xa = (x[r0 * inp..].as_ptr(), inp, 1);
                 for (part, w0) in [(0, j0), (nj, half + j0)] {
-                    // SAFETY: the slices hold the addressed matrices; buf is this thread's.
-                    unsafe {
-                        super::gemm::sgemm(
-                            (nr, nj, inp),
-                            buf[part..].as_mut_ptr(),
-                            2 * nj,
-                            false,
-                            xa,
-                            (w[w0 * inp..].as_ptr(), 1, inp),
-                            1,
-                        )
-                    };
+                    WBUF.with_borrow_mut(|wbuf| {
+                        let wb = (w.slice(w0 * inp, nj * inp, wbuf).as_ptr(), 1, inp);
+                        // SAFETY: the slices hold the addressed matrices; buf is this thread's.
+                        unsafe {
+                            super::gemm::sgemm((nr, nj, inp), buf[part..].as_mut_ptr(), 2 * nj, false, xa, wb, 1)
+                        };
+                    });
                 }
                 for (r, h) in buf.chunks_exact(2 * nj).enumerate() {
                     // SAFETY: row r0 + r, columns j0..j1 of the output belong to this task.

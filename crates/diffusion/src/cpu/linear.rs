@@ -3,14 +3,15 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{SendPtr, f32_data, gemm::sgemm, inference, threads};
+use super::{SendPtr, Weights, f32_data, gemm::sgemm, gemm_dtypes, inference, threads};
 
 /// `x Wᵀ + b` for `x` `[…, in]`, `weight` `[out, in]`, `bias` `[out]`, through the kernel; `None`
-/// where it does not apply (tracked gradients, not f32, not on the CPU).
+/// where it does not apply (tracked gradients, not on the CPU, not f32 / f16 / bf16). Computes
+/// in f32 whatever the dtypes of `x` and the weight; the result has `x`'s dtype.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
     let mut args = vec![x, weight];
     args.extend(bias);
-    if !inference(&args) || args.iter().any(|t| t.dtype() != DType::F32) || x.rank() < 2 || weight.rank() != 2 {
+    if !inference(&args) || !gemm_dtypes(x, weight) || x.rank() < 2 || weight.rank() != 2 {
         return Ok(None);
     }
     let (out, inp) = weight.dims2()?;
@@ -18,11 +19,12 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Opti
         return Ok(None);
     }
     let bias = match bias {
-        Some(b) if b.dims() == [out] => b.contiguous()?,
+        Some(b) if b.dims() == [out] => b.to_dtype(DType::F32)?.contiguous()?,
         Some(_) => return Ok(None),
         None => Tensor::zeros(out, DType::F32, x.device())?,
     };
-    Ok(Some(x.contiguous()?.apply_op3_no_bwd(&weight.contiguous()?, &bias, &LinearOp)?))
+    let y = x.to_dtype(DType::F32)?.contiguous()?.apply_op3_no_bwd(&weight.contiguous()?, &bias, &LinearOp)?;
+    Ok(Some(y.to_dtype(x.dtype())?))
 }
 
 /// Row bands × column chunks for a `rows × out` product on `threads` threads: at least four
@@ -50,7 +52,12 @@ pub(super) fn grid(rows: usize, out: usize, threads: usize) -> (usize, usize) {
     best
 }
 
-/// The kernel as a candle op on contiguous f32 `(x [.., in], weight [out, in], bias [out])`.
+thread_local! {
+    static WBUF: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The kernel as a candle op on contiguous `(x [.., in], weight [out, in], bias [out])`: `x` and
+/// `bias` f32, the weight f32, f16 or bf16 (each task converts the weight rows it uses).
 #[derive(Debug, Clone, Copy)]
 pub struct LinearOp;
 
@@ -69,7 +76,7 @@ impl CustomOp3 for LinearOp {
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (out, inp) = wl.shape().dims2()?;
-        let (x, w, b) = (f32_data(xs, xl)?, f32_data(ws, wl)?, f32_data(bs, bl)?);
+        let (x, w, b) = (f32_data(xs, xl)?, Weights::of(ws, wl)?, f32_data(bs, bl)?);
         let rows = x.len() / inp.max(1);
         let mut y = vec![0f32; rows * out];
         let (rb, cb) = grid(rows, out, threads());
@@ -88,8 +95,10 @@ impl CustomOp3 for LinearOp {
             for r in 0..nr {
                 unsafe { std::slice::from_raw_parts_mut(dst.add(r * out), nc).copy_from_slice(&b[c0..c0 + nc]) };
             }
-            let (xa, wb) = (x[r0 * inp..].as_ptr(), w[c0 * inp..].as_ptr());
-            unsafe { sgemm((nr, nc, inp), dst, out, true, (xa, inp, 1), (wb, 1, inp), 1) };
+            WBUF.with_borrow_mut(|buf| {
+                let (xa, wb) = (x[r0 * inp..].as_ptr(), w.slice(c0 * inp, nc * inp, buf).as_ptr());
+                unsafe { sgemm((nr, nc, inp), dst, out, true, (xa, inp, 1), (wb, 1, inp), 1) };
+            });
         });
         let mut dims = xl.dims().to_vec();
         *dims.last_mut().unwrap() = out;

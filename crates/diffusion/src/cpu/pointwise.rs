@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{SendPtr, f32_data, gemm::sgemm, inference, linear::grid, profile, threads};
+use super::{SendPtr, Weights, f32_data, gemm::sgemm, gemm_dtypes, inference, linear::grid, profile, threads};
 
 /// `proj_in`: the 1×1 convolution of `x` `[B, C_in, H, W]` returned as tokens `[B, H·W, C_out]`;
 /// `None` where the kernel does not apply (then: convolution, permute, reshape).
@@ -18,7 +18,8 @@ pub fn conv1x1_to_tokens(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> 
     }
     let _p = profile::scope_flops("conv1x1 (to tokens)", 2.0 * (x.elem_count() * weight.dim(0)?) as f64);
     let op = Pointwise { to_tokens: true, hw: (h, w) };
-    Ok(Some(x.contiguous()?.reshape((b, c, h * w))?.apply_op3_no_bwd(&weight, &bias, &op)?))
+    let x32 = x.to_dtype(DType::F32)?.contiguous()?.reshape((b, c, h * w))?;
+    Ok(Some(x32.apply_op3_no_bwd(&weight, &bias, &op)?.to_dtype(x.dtype())?))
 }
 
 /// `proj_out`: the 1×1 convolution of the map whose `[B, H·W, C_in]` tokens are `tokens`,
@@ -36,7 +37,8 @@ pub fn conv1x1_from_tokens(
     }
     let _p = profile::scope_flops("conv1x1 (from tokens)", 2.0 * (tokens.elem_count() * weight.dim(0)?) as f64);
     let op = Pointwise { to_tokens: false, hw: (h, w) };
-    Ok(Some(tokens.contiguous()?.apply_op3_no_bwd(&weight, &bias, &op)?))
+    let y = tokens.to_dtype(DType::F32)?.contiguous()?.apply_op3_no_bwd(&weight, &bias, &op)?;
+    Ok(Some(y.to_dtype(tokens.dtype())?))
 }
 
 /// The weight as `[C_out, C_in]` and the bias (zeros when absent), or `None` if the kernel
@@ -44,7 +46,7 @@ pub fn conv1x1_from_tokens(
 fn prepare(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<(Tensor, Tensor)>> {
     let mut args = vec![x, weight];
     args.extend(bias);
-    if !inference(&args) || args.iter().any(|t| t.dtype() != DType::F32) || weight.rank() != 4 {
+    if !inference(&args) || !gemm_dtypes(x, weight) || weight.rank() != 4 {
         return Ok(None);
     }
     let (cout, cin, kh, kw) = weight.dims4()?;
@@ -52,7 +54,7 @@ fn prepare(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<
         return Ok(None);
     }
     let bias = match bias {
-        Some(b) if b.dims() == [cout] => b.contiguous()?,
+        Some(b) if b.dims() == [cout] => b.to_dtype(DType::F32)?.contiguous()?,
         Some(_) => return Ok(None),
         None => Tensor::zeros(cout, DType::F32, x.device())?,
     };
@@ -88,7 +90,7 @@ impl CustomOp3 for Pointwise {
         if (d1, d2) != expected {
             candle_core::bail!("pointwise: input {:?} for {cin} channels and {pixels} pixels", xl.dims())
         }
-        let (x, w, b) = (f32_data(xs, xl)?, f32_data(ws, wl)?, f32_data(bs, bl)?);
+        let (x, w, b) = (f32_data(xs, xl)?, Weights::of(ws, wl)?.to_f32(), f32_data(bs, bl)?);
         let mut y = vec![0f32; bsz * pixels * cout];
         // Per image: to tokens, y [HW, C_out] = xᵀ [HW, C_in] · Wᵀ, bias per column;
         // from tokens, y [C_out, HW] = W · tᵀ [C_in, HW], bias per row.
