@@ -1,6 +1,7 @@
 //! The models of the infer flow, loaded once and shared by every template: the SD1.5 base (single
 //! file or diffusers folder, with EasyPhoto's forced VAE), the four ControlNets (canny, openpose,
-//! colour, tile), the pose annotator, the face detector and identity embedder, and the style LoRA.
+//! colour, tile), the pose annotator, the face detector, parser and identity embedder, and the
+//! style LoRA.
 //!
 //! [`ComponentPaths::from_models_dir`] resolves every file through the [`Manifest`] (refusing with
 //! the offline error that lists what is missing and where to put it); tests and servers may name
@@ -14,7 +15,7 @@ use easyphoto_controlnet::preprocess::openpose::{BodyPoseModel, MoveNet, annotat
 use easyphoto_controlnet::preprocess::{Interpolation, resize};
 use easyphoto_controlnet::{ControlNetModel, load_controlnet};
 use easyphoto_diffusion::{StableDiffusion, load_vae};
-use easyphoto_face::{ArcFace, FaceDetector, FaceEmbedder, FaceRes, Mtcnn, Scrfd};
+use easyphoto_face::{ArcFace, FaceDetector, FaceEmbedder, FaceMesh, FaceParser, FaceRes, Mtcnn, Scrfd};
 use easyphoto_lora::{KohyaLora, load_lora};
 use image::RgbImage;
 
@@ -137,6 +138,9 @@ pub struct Components {
     pub tile: Arc<ControlNetModel>,
     pub pose: PoseModel,
     pub detector: Box<dyn FaceDetector + Send + Sync>,
+    /// The face parser of every face-region mask (EasyPhoto's BiSeNet; the embedded MediaPipe
+    /// FaceMesh by default, any other [`FaceParser`] can replace it).
+    pub parser: Box<dyn FaceParser + Send + Sync>,
     pub embedder: Box<dyn FaceEmbedder + Send + Sync>,
     /// The style LoRA and the name prompts call it by (the file stem).
     pub style_lora: Option<(String, KohyaLora)>,
@@ -180,6 +184,7 @@ impl Components {
             tile: controlnet(&paths.tile)?,
             pose,
             detector,
+            parser: Box::new(FaceMesh::embedded(threads)?),
             embedder,
             style_lora,
             device: device.clone(),

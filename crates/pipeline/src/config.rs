@@ -171,6 +171,10 @@ pub struct InferConfig {
     /// ControlNet weights of the second diffusion.
     pub second_canny_weight: f64,
     pub second_tile_weight: f64,
+    /// The seam pass of multi-person templates (EasyPhoto's third diffusion: 30 steps × 0.3 over
+    /// a ring around the repainted faces, canny 1.0 + colour 1.0, the additional prompt only).
+    pub seam_diffusion_steps: u32,
+    pub seam_denoising_strength: f64,
     /// -1 draws a random seed per template, as EasyPhoto does.
     pub seed: i64,
     pub batch_size: u32,
@@ -187,7 +191,8 @@ pub struct InferConfig {
     pub default_positive_prompt: String,
     pub default_negative_prompt: String,
     /// The face crop is resized to this short side, both sides floored to multiples of 32 (512 in
-    /// EasyPhoto; a smaller value makes tiny test runs fast).
+    /// EasyPhoto; a smaller value makes tiny test runs fast). The seam pass's limit (768, or 512
+    /// for elongated squares) scales with it.
     pub short_side: u32,
 }
 
@@ -212,6 +217,8 @@ impl Default for InferConfig {
             first_color_weight: 0.85,
             second_canny_weight: 1.0,
             second_tile_weight: 1.0,
+            seam_diffusion_steps: 30,
+            seam_denoising_strength: 0.3,
             seed: -1,
             batch_size: 1,
             crop_face_preprocess: true,
@@ -252,12 +259,14 @@ impl InferConfig {
     pub fn validate(&self) -> Result<()> {
         positive("first_diffusion_steps", self.first_diffusion_steps)?;
         positive("second_diffusion_steps", self.second_diffusion_steps)?;
+        positive("seam_diffusion_steps", self.seam_diffusion_steps)?;
         positive("batch_size", self.batch_size)?;
         if self.short_side < 32 || !self.short_side.is_multiple_of(32) {
             return Err(invalid("short_side", format!("{} is not a positive multiple of 32", self.short_side)));
         }
         unit_interval("first_denoising_strength", self.first_denoising_strength, false)?;
         unit_interval("second_denoising_strength", self.second_denoising_strength, false)?;
+        unit_interval("seam_denoising_strength", self.seam_denoising_strength, false)?;
         unit_interval("before_face_fusion_ratio", self.before_face_fusion_ratio, true)?;
         unit_interval("after_face_fusion_ratio", self.after_face_fusion_ratio, true)?;
         finite_above("cfg_scale", self.cfg_scale, 0.0)?;

@@ -7,25 +7,40 @@
 //!    both sides floored to multiples of 32; the face mapped into the crop (box × 1.1);
 //! 3. the user's best face similarity-warped onto the template face (the openpose input);
 //! 4. face fusion before (ratio 0.6) with the user's reference photo;
-//! 5. the face mask, closed and dilated by `face_width / 10`;
+//! 5. the face mask (the face parser's skin, brows, eyes, nose and lips), closed and dilated by
+//!    `face_width / 10`;
 //! 6. first diffusion: inpainting with the blend loop on an ordinary UNet (50 × 0.45, DPM++ 2M SDE
 //!    Karras, CFG 7), canny 0.5 + openpose 0.5 + colour 0.85 in "my prompt is more important"
-//!    mode, the user's LoRA (0.9) and the style LoRA (0.65) attached, then the WebUI's composite
-//!    through the blurred mask;
+//!    mode, the user's LoRA (0.9) and the style LoRA (0.65) attached, the known region kept through
+//!    the WebUI's [latent mask](crate::latent_mask), then the WebUI's composite through the
+//!    blurred mask;
 //! 7. colour shift towards the template's face before fusion;
 //! 8. face fusion after (ratio 0.6);
-//! 9. second diffusion on a ring around the face plus eyes and mouth (20 × 0.30, canny 1.0 + tile 1.0);
+//! 9. second diffusion on a ring around the face plus eyes and lips, parsed again after fusion
+//!    (20 × 0.30, canny 1.0 + tile 1.0);
 //! 10. colour shift (lips excluded);
 //! 11. the crop resized back and pasted into the template, then composited through the blurred
 //!     safe-box mask (so nothing outside the face crop changes);
-//! 12. the display score: the identity similarity of the result's face to the user's reference.
+//! 12. multi-person templates (more than one user slot and face): the seam pass, EasyPhoto's third
+//!     diffusion, over a ring around the repainted faces' boxes (`dilate64 − erode32`) in the
+//!     square around all faces (+ 50 px), short side at most 768 (512 when elongated; both
+//!     scaled by `short_side / 512`), 30 × 0.3,
+//!     canny 1.0 + colour 1.0, the additional prompt without LoRAs;
+//! 13. the display score: the identity similarity of the result's face to the user's reference.
 //!
-//! Substitutes, documented: EasyPhoto's BiSeNet face parser is not available, so every "face skin"
-//! mask is [`landmark_face_mask`] (an ellipse from the five landmarks) and the eye and lip regions
-//! are discs and an ellipse around the landmarks; DAMO's fusion model is replaced by the face
-//! crate's [`ClassicalFusion`]; the latent mask is the blurred mask binarised at 0.5 and reduced by
-//! nearest neighbour (A1111 rounds a bicubic reduction). Not done yet: the multi-person seam pass
-//! (third diffusion), IP-Adapter ID control, super resolution.
+//! Substitutes, documented: the face-region masks come from [`Components::parser`] (MediaPipe
+//! FaceMesh regions by default) with BiSeNet's label sets mapped onto its regions (face = oval ∪
+//! brows ∪ eyes ∪ lips, BiSeNet's 1–5 and 10–13; eyes and lips = 4, 5, 12, 13); DAMO's fusion
+//! model is replaced by the face crate's [`ClassicalFusion`]. The sampler blends the known region
+//! back after every step as diffusers does (noised image latents) where A1111 blends its
+//! prediction of the clean image; both keep the original latents after the last step.
+//!
+//! Deliberate departures from EasyPhoto's seam pass: its mask starts from `np.ones_like` (1, not
+//! 0, so the ring is 254 and the rest of the square 1, which mixes 2/255 of the generation into
+//! every pixel of the square); here it is 0 / 255. Its result is resized back and pasted over the
+//! whole square, which resamples faces that were not selected; here it is laid over the square
+//! through the WebUI's overlay mask at full resolution, so only the ring and its blur change.
+//! Not done yet: IP-Adapter ID control, background restore, super resolution.
 //!
 //! Results are written atomically as `<output>/<template stem>.png` (`-<k>` appended when
 //! `batch_size > 1`) with a `.json` beside it holding the seed and each face's display score.
@@ -36,22 +51,21 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 use easyphoto_controlnet::preprocess::{Interpolation, annotate_canny, color_map, resize, tile_resample};
 use easyphoto_controlnet::{ControlMode, ControlNetModel, ControlUnit, Controls};
-use easyphoto_diffusion::inpaint_overlay::{blur_mask, composite_inpaint};
+use easyphoto_diffusion::inpaint_overlay::{apply_overlay, blur_mask};
 use easyphoto_diffusion::prompt::parse_extra_networks;
 use easyphoto_diffusion::sampling::{
     Flow as SamplerFlow, Inpaint, SamplingOptions, Start, decode_latents, denoise_with_residuals, normalize_image,
-    prepare_mask,
 };
 use easyphoto_diffusion::schedulers::Sampler;
 use easyphoto_diffusion::{DiffusionError, ExtraNetwork, SeededNoise, VisitLayers};
-use easyphoto_face::fusion::{ClassicalFusion, FaceFusion, FusionParams, landmark_face_mask};
+use easyphoto_face::fusion::{ClassicalFusion, FaceFusion, FusionParams};
 use easyphoto_face::geometry::{crop, expand_box, left_to_right};
 use easyphoto_face::masks::{blend, box_mask, contour_mask, inpaint_face_mask, paste};
-use easyphoto_face::morphology::{Plane, box_blur};
+use easyphoto_face::morphology::{Plane, box_blur, dilate, erode};
 use easyphoto_face::resample::{PilFilter, resize_pil_u8};
-use easyphoto_face::{Face, Similarity, color::color_shift, load_rgb, warp_affine};
+use easyphoto_face::{Face, FaceParser, Similarity, color::color_shift, load_rgb, warp_affine};
 use easyphoto_lora::{KohyaLora, Targets, attach, detach, load_lora};
-use image::{GrayImage, Luma, RgbImage};
+use image::{GrayImage, ImageBuffer, Luma, Pixel, RgbImage};
 use serde::Serialize;
 use std::sync::Arc;
 
@@ -59,6 +73,7 @@ use crate::components::Components;
 use crate::config::InferConfig;
 use crate::error::{PipelineError, Result};
 use crate::jobs::InferJob;
+use crate::latent_mask::latent_mask;
 use crate::progress::{CancelToken, Observer, Progress};
 use crate::user::{UserId, UserStore, write_atomic};
 
@@ -289,6 +304,14 @@ pub fn infer_template(
         results.push(FaceResult { face: index, user_id: user.id.to_string(), score: 0.0, crop_box: face.crop_box });
         scored.push(fi);
     }
+    // EasyPhoto's condition: more than one face and more than one user slot (trailing `none`s
+    // dropped), even when some of those slots are `none`.
+    let slots = users.iter().rposition(Option::is_some).map_or(0, |i| i + 1);
+    if faces.len().min(slots) > 1 && !scored.is_empty() {
+        cancel.check(STAGE)?;
+        let repainted: Vec<[i32; 4]> = scored.iter().map(|&fi| safe_boxes[fi]).collect();
+        output = seam_pass(&output, &safe_boxes, &repainted, components, config, seed, observer, cancel, &mut times)?;
+    }
     // Display scores on the final image, each face's crop against its user's reference.
     for (r, &fi) in results.iter_mut().zip(&scored) {
         let Some(user) = users[r.face].as_ref() else { continue };
@@ -329,7 +352,7 @@ fn infer_face(
     let (input, original) = StageTimes::time(&mut times.post, || {
         let cropped = crop(template, crop_box);
         let (w, h) = crop_size(cropped.dimensions(), config.short_side);
-        let original = resize_lanczos(&cropped, w, h);
+        let original = resize_pil(&cropped, w, h, PilFilter::Lanczos);
         Ok((original.clone(), original))
     })?;
     let (w, h) = input.dimensions();
@@ -349,9 +372,11 @@ fn infer_face(
         input
     };
 
-    // 5. The first inpainting mask.
+    // 5. The first inpainting mask, from the parsed face of the fused crop.
     report(4, "face mask")?;
-    let masks = face_masks((w, h), &face, face_width)?;
+    let first_mask = StageTimes::time(&mut times.face, || {
+        Ok(FaceParts::parse(c.parser.as_ref(), &input, &face)?.first_mask(face_width))
+    })?;
 
     // 6. First diffusion.
     report(5, "control images (first diffusion)")?;
@@ -372,13 +397,15 @@ fn infer_face(
         message: "first diffusion",
     };
     let mut out = StageTimes::time(&mut times.diffusion, || {
-        inpaint(c, user, config, &diffusion, &input, &masks.first, first_controls, observer, cancel)
+        inpaint(c, Some(user), config, &diffusion, &input, &first_mask, first_controls, observer, cancel)
     })?;
 
     // 7. Colour shift towards the template's face before fusion.
     report(7, "colour shift (middle)")?;
     if config.color_shift_middle {
-        out = StageTimes::time(&mut times.post, || shift_colour(&out, &original, input_box, &face, false))?;
+        out = StageTimes::time(&mut times.post, || {
+            shift_colour(c.parser.as_ref(), &out, &original, input_box, &face, false)
+        })?;
     }
 
     // 8. Face fusion after.
@@ -396,6 +423,8 @@ fn infer_face(
                 (c.tile.clone(), tile_resample(&out, 1.0)?, config.second_tile_weight),
             ])
         })?;
+        let second_mask =
+            StageTimes::time(&mut times.face, || FaceParts::parse(c.parser.as_ref(), &out, &face)?.second_mask())?;
         report(10, "second diffusion")?;
         let diffusion = Diffusion {
             steps: config.second_diffusion_steps,
@@ -404,14 +433,16 @@ fn infer_face(
             ..diffusion
         };
         out = StageTimes::time(&mut times.diffusion, || {
-            inpaint(c, user, config, &diffusion, &out, &masks.second, controls, observer, cancel)
+            inpaint(c, Some(user), config, &diffusion, &out, &second_mask, controls, observer, cancel)
         })?;
     }
 
     // 10. Colour shift, lips excluded.
     report(11, "colour shift (last)")?;
     if config.color_shift_last {
-        out = StageTimes::time(&mut times.post, || shift_colour(&out, &original, input_box, &face, true))?;
+        out = StageTimes::time(&mut times.post, || {
+            shift_colour(c.parser.as_ref(), &out, &original, input_box, &face, true)
+        })?;
     }
 
     // 11. Paste back: the crop resized to its box in the template.
@@ -419,30 +450,56 @@ fn infer_face(
     let image = StageTimes::time(&mut times.post, || {
         let (bw, bh) = ((crop_box[2] - crop_box[0]) as u32, (crop_box[3] - crop_box[1]) as u32);
         let mut image = template.clone();
-        paste(&mut image, &resize_lanczos(&out, bw, bh), crop_box[0].into(), crop_box[1].into());
+        paste(&mut image, &resize_pil(&out, bw, bh, PilFilter::Lanczos), crop_box[0].into(), crop_box[1].into());
         Ok(image)
     })?;
     Ok(FaceOutput { image, crop_box })
 }
 
-/// The masks of one face crop, 0/255.
+/// EasyPhoto's face-parsing label sets (anatomy §2.2) as 0/255 masks, from any [`FaceParser`].
 #[derive(Debug, Clone)]
-pub struct FaceMasks {
-    /// The face region (stand-in for BiSeNet's skin, brows, eyes, nose and lips).
+pub struct FaceParts {
+    /// `FACE` (BiSeNet's skin, brows, eyes, nose, mouth and lips: labels 1–5, 10–13).
     pub face: GrayImage,
-    /// The first diffusion's: the face closed and dilated by `face_width / 10`.
-    pub first: GrayImage,
-    /// The second diffusion's: `dilate32(face) − erode16(face)` plus eyes and lips.
-    pub second: GrayImage,
+    /// The eyes and lips (labels 4, 5, 12, 13).
+    pub eyes_lips: GrayImage,
+    /// The lips (labels 11–13), which the last colour shift leaves out.
+    pub lips: GrayImage,
 }
 
-/// The masks of the face `face` in a crop of `size`; `face_width` is the width of its × 1.1 box.
-pub fn face_masks(size: (u32, u32), face: &Face, face_width: u32) -> Result<FaceMasks> {
-    let (w, h) = size;
-    let face_mask = landmark_face_mask(w, h, &face.landmarks);
-    let first = inpaint_face_mask(&face_mask, face_width);
-    let second = contour_mask(&face_mask, &eyes_and_lips(w, h, &face.landmarks, true))?;
-    Ok(FaceMasks { face: face_mask, first, second })
+impl FaceParts {
+    /// The parts of `face` in `image`.
+    pub fn parse(parser: &dyn FaceParser, image: &RgbImage, face: &Face) -> Result<Self> {
+        let r = parser.parse(image, face)?;
+        let union = |masks: &[&GrayImage]| {
+            GrayImage::from_fn(image.width(), image.height(), |x, y| {
+                Luma([masks.iter().map(|m| m[(x, y)][0]).max().unwrap_or(0)])
+            })
+        };
+        Ok(Self {
+            face: union(&[&r.face_oval, &r.brows, &r.eyes, &r.lips]),
+            eyes_lips: union(&[&r.eyes, &r.lips]),
+            lips: r.lips,
+        })
+    }
+
+    /// The first diffusion's mask: the face closed and dilated by `face_width / 10` (the width of
+    /// the face's × 1.1 box).
+    pub fn first_mask(&self, face_width: u32) -> GrayImage {
+        inpaint_face_mask(&self.face, face_width)
+    }
+
+    /// The second diffusion's mask: `dilate32(face) − erode16(face)` plus the eyes and lips.
+    pub fn second_mask(&self) -> Result<GrayImage> {
+        Ok(contour_mask(&self.face, &self.eyes_lips)?)
+    }
+
+    /// The last colour shift's region: the face without the lips.
+    fn without_lips(&self) -> GrayImage {
+        GrayImage::from_fn(self.face.width(), self.face.height(), |x, y| {
+            Luma([if self.lips[(x, y)][0] > 0 { 0 } else { self.face[(x, y)][0] }])
+        })
+    }
 }
 
 /// The prompt of one user, as EasyPhoto builds it; the style LoRA's tag only when it is loaded.
@@ -467,12 +524,12 @@ struct Diffusion {
 }
 
 /// A1111's img2img inpainting ("original" fill, whole picture) with the blend loop on an
-/// ordinary UNet: the LoRAs named in the prompt attached, the control units in "my prompt is more
-/// important" mode, then the composite through the blurred mask.
+/// ordinary UNet: `mask` (255 = repaint, at the image's size) blurred by `mask_blur`, then
+/// [`inpaint_blurred`].
 #[allow(clippy::too_many_arguments)]
 fn inpaint(
     c: &mut Components,
-    user: &UserAssets,
+    user: Option<&UserAssets>,
     config: &InferConfig,
     d: &Diffusion,
     image: &RgbImage,
@@ -481,11 +538,31 @@ fn inpaint(
     observer: &dyn Observer,
     cancel: &CancelToken,
 ) -> Result<RgbImage> {
+    let blurred = blur_mask(mask, f64::from(config.mask_blur));
+    inpaint_blurred(c, user, config, d, image, &blurred, controls, observer, cancel)
+}
+
+/// The WebUI's inpainting from its blurred mask: the LoRAs the prompt names (the user's and the
+/// style LoRA) attached, the control units in "my prompt is more important" mode, the known
+/// latents kept through the latent mask, then the original laid back through the overlay mask
+/// (the blurred mask doubled).
+#[allow(clippy::too_many_arguments)]
+fn inpaint_blurred(
+    c: &mut Components,
+    user: Option<&UserAssets>,
+    config: &InferConfig,
+    d: &Diffusion,
+    image: &RgbImage,
+    blurred: &GrayImage,
+    controls: Vec<(Arc<ControlNetModel>, RgbImage, f64)>,
+    observer: &dyn Observer,
+    cancel: &CancelToken,
+) -> Result<RgbImage> {
     let (_, networks) = parse_extra_networks(&d.prompt)?;
     let mut loras: Vec<(&KohyaLora, f64)> = Vec::new();
     for network in &networks {
         if let ExtraNetwork::Lora { name, unet_multiplier, .. } = network {
-            if name == user.id.as_str() {
+            if let Some(user) = user.filter(|u| name == u.id.as_str()) {
                 loras.push((&user.lora, *unet_multiplier));
             } else if let Some((style, lora)) = &c.style_lora
                 && style == name
@@ -503,24 +580,31 @@ fn inpaint(
         };
         attach(&mut targets, &loras)?;
     }
-    let generated = sample(c, config, d, image, mask, controls, observer, cancel);
+    let generated = sample(c, config, d, image, blurred, controls, observer, cancel);
     let mut te = c.sd.text_encoders.encoders_mut().next();
     detach(&mut Targets {
         unet: Some(&mut c.sd.unet),
         text_encoder: te.as_mut().map(|e| &mut **e as &mut dyn VisitLayers),
         text_encoder_2: None,
     });
-    Ok(composite_inpaint(&generated?, image, mask, f64::from(config.mask_blur))?)
+    Ok(apply_overlay(&generated?, image, &overlay(blurred))?)
 }
 
-/// The sampling part of [`inpaint`]: the generated image before the composite.
+/// The WebUI's `mask_for_overlay`: the blurred mask doubled, clipped to 255.
+fn overlay(blurred: &GrayImage) -> GrayImage {
+    let mut out = blurred.clone();
+    out.iter_mut().for_each(|v| *v = v.saturating_mul(2));
+    out
+}
+
+/// The sampling part of [`inpaint_blurred`]: the generated image before the composite.
 #[allow(clippy::too_many_arguments)]
 fn sample(
     c: &Components,
     config: &InferConfig,
     d: &Diffusion,
     image: &RgbImage,
-    mask: &GrayImage,
+    blurred: &GrayImage,
     controls: Vec<(Arc<ControlNetModel>, RgbImage, f64)>,
     observer: &dyn Observer,
     cancel: &CancelToken,
@@ -544,9 +628,7 @@ fn sample(
     let draw = noise.randn(latent_shape, DType::F32, device).map_err(tensor_err(d.message))?;
     let latents = (posterior.sample_with(&draw).map_err(tensor_err(d.message))? * sd.vae.scaling_factor())
         .map_err(tensor_err(d.message))?;
-    let blurred = blur_mask(mask, f64::from(config.mask_blur));
-    let mask_tensor = gray_tensor(&blurred, device).map_err(tensor_err(d.message))?;
-    let (_, latent_mask) = prepare_mask(&mask_tensor, factor)?;
+    let latent_mask = latent_mask(blurred, factor as u32, device)?;
 
     let units = controls
         .into_iter()
@@ -594,6 +676,97 @@ fn sample(
     tensor_rgb(&decoded).map_err(tensor_err(d.message))
 }
 
+/// EasyPhoto's seam pass (its third diffusion) over the faces `repainted` in `image`: the ring
+/// `dilate64(boxes) − erode32(boxes)` around their safe boxes, inpainted in the square around all
+/// the template's faces (`all_boxes`, + 50 px), at most 768 on its short side (512 when one side
+/// is over 1.5 times the other; both scaled by `short_side / 512`), sides floored to multiples of 32; canny 1.0 + colour 1.0,
+/// the additional prompt without LoRAs. The result is resized back (Pillow's BICUBIC) and laid over
+/// the square through the overlay mask at full resolution, so nothing outside the ring's blur changes.
+#[allow(clippy::too_many_arguments)]
+fn seam_pass(
+    image: &RgbImage,
+    all_boxes: &[[i32; 4]],
+    repainted: &[[i32; 4]],
+    c: &mut Components,
+    config: &InferConfig,
+    seed: u64,
+    observer: &dyn Observer,
+    cancel: &CancelToken,
+    times: &mut StageTimes,
+) -> Result<RgbImage> {
+    let (w, h) = image.dimensions();
+    let square = seam_square(all_boxes, w, h);
+    let (sub, ring, small, small_mask) = StageTimes::time(&mut times.post, || {
+        let mut boxes = GrayImage::new(w, h);
+        for b in repainted {
+            for y in b[1].max(0)..b[3].min(h as i32) {
+                for x in b[0].max(0)..b[2].min(w as i32) {
+                    boxes.put_pixel(x as u32, y as u32, Luma([255]));
+                }
+            }
+        }
+        let (outer, inner) = (dilate(&boxes, 64, 64), erode(&boxes, 32, 32));
+        let ring = GrayImage::from_fn(w, h, |x, y| Luma([outer[(x, y)][0] - inner[(x, y)][0]]));
+        let sub = crop(image, square);
+        let ring = blur_mask(&crop(&ring, square), f64::from(config.mask_blur));
+        let (sw, sh) = sub.dimensions();
+        let (nw, nh) = seam_size(sw, sh, config.short_side);
+        let small = resize_pil(&sub, nw, nh, PilFilter::Lanczos);
+        let small_mask = resize_pil(&ring, nw, nh, PilFilter::Lanczos);
+        Ok((sub, ring, small, small_mask))
+    })?;
+    let controls = StageTimes::time(&mut times.preprocess, || {
+        // EasyPhoto's fixed weights: canny 1.0, colour 1.0.
+        Ok(vec![(c.canny.clone(), canny_image(&small)?, 1.0), (c.color.clone(), color_map(&small, 1.0)?, 1.0)])
+    })?;
+    let diffusion = Diffusion {
+        prompt: format!("{}, {}", config.additional_prompt, config.default_positive_prompt),
+        negative: config.negative_prompt(),
+        steps: config.seam_diffusion_steps,
+        strength: config.seam_denoising_strength,
+        seed,
+        message: "seam diffusion",
+    };
+    let generated = StageTimes::time(&mut times.diffusion, || {
+        inpaint_blurred(c, None, config, &diffusion, &small, &small_mask, controls, observer, cancel)
+    })?;
+    StageTimes::time(&mut times.post, || {
+        let back = resize_pil(&generated, sub.width(), sub.height(), PilFilter::Bicubic);
+        let laid = apply_overlay(&back, &sub, &overlay(&ring))?;
+        let mut out = image.clone();
+        paste(&mut out, &laid, square[0].into(), square[1].into());
+        Ok(out)
+    })
+}
+
+/// The seam pass's square: the union of `boxes` padded by 50 px, centred, its long side on both
+/// axes, clipped to `[0, size − 1]` (EasyPhoto's `np.clip(…, 0, w − 1)`).
+fn seam_square(boxes: &[[i32; 4]], w: u32, h: u32) -> [i32; 4] {
+    const PADDING: i32 = 50;
+    let left = boxes.iter().map(|b| b[0]).min().unwrap_or(0) - PADDING;
+    let top = boxes.iter().map(|b| b[1]).min().unwrap_or(0) - PADDING;
+    let right = boxes.iter().map(|b| b[2]).max().unwrap_or(w as i32) + PADDING;
+    let bottom = boxes.iter().map(|b| b[3]).max().unwrap_or(h as i32) + PADDING;
+    let long = (right - left).max(bottom - top);
+    let (cx, cy) = (f64::from(left + right) / 2.0, f64::from(top + bottom) / 2.0);
+    let (wm, hm) = (w.saturating_sub(1) as i32, h.saturating_sub(1) as i32);
+    let x1 = (cx - f64::from(long / 2)).clamp(0.0, f64::from(wm)) as i32;
+    let y1 = (cy - f64::from(long / 2)).clamp(0.0, f64::from(hm)) as i32;
+    [x1, y1, (x1 + long).clamp(0, wm), (y1 + long).clamp(0, hm)]
+}
+
+/// The seam pass's diffusion size for a `w × h` square: short side 768 at most (512 when one side
+/// is over 1.5 times the other), both scaled by `short_side / 512` like the face crops, both sides
+/// floored to multiples of 32 (at least 32).
+fn seam_size(w: u32, h: u32, short_side: u32) -> (u32, u32) {
+    let (fw, fh) = (f64::from(w), f64::from(h));
+    let target = if fw / fh > 1.5 || fh / fw > 1.5 { short_side } else { short_side * 3 / 2 };
+    let short = w.min(h);
+    let scale = if short > target { f64::from(short) / f64::from(target) } else { 1.0 };
+    let side = |s: u32| ((py_floor_div(py_floor_div(f64::from(s), scale), 32.0) * 32.0) as u32).max(32);
+    (side(w), side(h))
+}
+
 /// EasyPhoto's "replaced image": the user's best face (its × 1.5 crop) warped by the similarity
 /// of its five landmarks onto the template face's, pasted where the warped crop lands.
 fn replaced_image(template: &RgbImage, face: &Face, user: &UserAssets) -> Result<RgbImage> {
@@ -621,22 +794,20 @@ fn fuse(image: &RgbImage, face: &Face, user: &UserAssets, ratio: f64) -> Result<
 }
 
 /// EasyPhoto's colour shift of the `input_box` region of `image` towards the same region of
-/// `original` (the crop before fusion), through `box_blur32(face) / 255`, lips excluded on the last
-/// pass.
-fn shift_colour(image: &RgbImage, original: &RgbImage, bx: [i32; 4], face: &Face, no_lips: bool) -> Result<RgbImage> {
+/// `original` (the crop before fusion), through `box_blur32(face) / 255` of the face parsed in
+/// `image`, lips excluded on the last pass.
+fn shift_colour(
+    parser: &dyn FaceParser,
+    image: &RgbImage,
+    original: &RgbImage,
+    bx: [i32; 4],
+    face: &Face,
+    no_lips: bool,
+) -> Result<RgbImage> {
     let region = crop(image, bx);
     let reference = crop(original, bx);
-    let (rw, rh) = region.dimensions();
-    let local = face.landmarks.map(|[x, y]| [x - bx[0] as f32, y - bx[1] as f32]);
-    let mut mask = landmark_face_mask(rw, rh, &local);
-    if no_lips {
-        let lips = eyes_and_lips(rw, rh, &local, false);
-        for (m, l) in mask.pixels_mut().zip(lips.pixels()) {
-            if l[0] > 0 {
-                m[0] = 0;
-            }
-        }
-    }
+    let parts = FaceParts::parse(parser, image, face)?;
+    let mask = crop(&if no_lips { parts.without_lips() } else { parts.face }, bx);
     let shifted = color_shift(&region, &reference, &blurred_weights(&mask, 32)?)?;
     let mut out = image.clone();
     paste(&mut out, &shifted, bx[0].into(), bx[1].into());
@@ -648,23 +819,6 @@ fn blurred_weights(mask: &GrayImage, k: u32) -> Result<Plane<f32>> {
     let plane = Plane::<f32>::from_fn(mask.width(), mask.height(), |x, y| Luma([f32::from(mask[(x, y)][0])]));
     let blurred = box_blur(&plane, k, k)?;
     Ok(Plane::from_fn(mask.width(), mask.height(), |x, y| Luma([blurred[(x, y)][0] / 255.0])))
-}
-
-/// The eye and lip regions from five landmarks (stand-in for BiSeNet's labels 4, 5, 12, 13): discs
-/// of a fifth of the eye distance around the eyes (when `eyes`), and the ellipse through the mouth
-/// corners, as 0/255.
-fn eyes_and_lips(w: u32, h: u32, lm: &[[f32; 2]; 5], eyes: bool) -> GrayImage {
-    let d = f64::from((lm[1][0] - lm[0][0]).hypot(lm[1][1] - lm[0][1]));
-    let r_eye = 0.2 * d;
-    let (mx, my) = (f64::from(lm[3][0] + lm[4][0]) / 2.0, f64::from(lm[3][1] + lm[4][1]) / 2.0);
-    let half_mouth = (f64::from((lm[4][0] - lm[3][0]).hypot(lm[4][1] - lm[3][1])) / 2.0).max(1.0) * 1.1;
-    let mouth_height = 0.45 * half_mouth;
-    GrayImage::from_fn(w, h, |x, y| {
-        let (x, y) = (f64::from(x), f64::from(y));
-        let in_eye = eyes && lm[..2].iter().any(|p| (x - f64::from(p[0])).hypot(y - f64::from(p[1])) <= r_eye);
-        let in_lips = ((x - mx) / half_mouth).powi(2) + ((y - my) / mouth_height).powi(2) <= 1.0;
-        Luma([if in_eye || in_lips { 255 } else { 0 }])
-    })
 }
 
 /// The canny unit's control image: controlnet_aux's canny (100 / 200 at resolution 512).
@@ -727,15 +881,18 @@ fn py_floor_div(a: f64, b: f64) -> f64 {
     if div - floor > 0.5 { floor + 1.0 } else { floor }
 }
 
-/// Pillow's `Image.resize((w, h), LANCZOS)`.
-fn resize_lanczos(image: &RgbImage, w: u32, h: u32) -> RgbImage {
+/// Pillow's `Image.resize((w, h), filter)` of an 8-bit RGB or grey image.
+fn resize_pil<P>(image: &ImageBuffer<P, Vec<u8>>, w: u32, h: u32, filter: PilFilter) -> ImageBuffer<P, Vec<u8>>
+where
+    P: Pixel<Subpixel = u8>,
+{
     if image.dimensions() == (w, h) {
         return image.clone();
     }
     let (sw, sh) = image.dimensions();
-    let data =
-        resize_pil_u8(image.as_raw(), (sw as usize, sh as usize), 3, (w as usize, h as usize), PilFilter::Lanczos);
-    RgbImage::from_raw(w, h, data).expect("resize returns w * h * 3 values")
+    let channels = usize::from(P::CHANNEL_COUNT);
+    let data = resize_pil_u8(image.as_raw(), (sw as usize, sh as usize), channels, (w as usize, h as usize), filter);
+    ImageBuffer::from_raw(w, h, data).expect("resize returns w * h * channels values")
 }
 
 /// An RGB image as a `[1, 3, H, W]` tensor in [0, 1].
@@ -743,13 +900,6 @@ fn rgb_tensor(image: &RgbImage, device: &Device) -> candle_core::Result<Tensor> 
     let (w, h) = image.dimensions();
     let data: Vec<f32> = image.as_raw().iter().map(|&v| f32::from(v) / 255.0).collect();
     Tensor::from_vec(data, (h as usize, w as usize, 3), device)?.permute((2, 0, 1))?.unsqueeze(0)
-}
-
-/// A mask as a `[1, 1, H, W]` tensor in [0, 1].
-fn gray_tensor(mask: &GrayImage, device: &Device) -> candle_core::Result<Tensor> {
-    let (w, h) = mask.dimensions();
-    let data: Vec<f32> = mask.as_raw().iter().map(|&v| f32::from(v) / 255.0).collect();
-    Tensor::from_vec(data, (1, 1, h as usize, w as usize), device)
 }
 
 /// `[1, 3, H, W]` in [0, 1] to 8-bit RGB as A1111 does (`(255 · x).astype(uint8)`, truncating).
@@ -768,6 +918,25 @@ fn tensor_rgb(t: &Tensor) -> candle_core::Result<RgbImage> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn seam_square_and_size_follow_easyphotos_rules() {
+        // Values from EasyPhoto's third-diffusion code run in Python (numpy clip, `//` on floats).
+        assert_eq!(seam_square(&[[130, 100, 200, 190], [495, 60, 565, 150]], 640, 427), [80, 0, 615, 426]);
+        assert_eq!(seam_square(&[[300, 300, 371, 390]], 1000, 1200), [240, 250, 430, 440]);
+        assert_eq!(seam_square(&[[10, 20, 81, 95], [900, 700, 990, 800]], 1000, 1200), [0, 0, 999, 1080]);
+        for ((w, h), expected) in [
+            ((523, 426), (512, 416)),
+            ((1000, 1000), (768, 768)),
+            ((1300, 800), (832, 512)),
+            ((900, 500), (896, 480)),
+            ((95, 95), (64, 64)),
+        ] {
+            assert_eq!(seam_size(w, h, 512), expected, "{w}×{h}");
+        }
+        // Scaled with the face crops' short side for small runs: 64 → at most 96 (64 when elongated).
+        assert_eq!(seam_size(523, 426, 64), (96, 96));
+    }
 
     #[test]
     fn crop_size_follows_easyphotos_integer_rule() {

@@ -10,7 +10,7 @@ use easyphoto_diffusion::{LayerMut, VisitLayers};
 use easyphoto_face::{geometry::expand_box, load_rgb};
 use easyphoto_lora::{KohyaPrefix, kohya_name};
 use easyphoto_pipeline::components::{ComponentPaths, Components, EmbedderPath, PoseModelPath};
-use easyphoto_pipeline::infer::{UserAssets, face_masks, infer_template, run_job};
+use easyphoto_pipeline::infer::{FaceParts, UserAssets, infer_template, run_job};
 use easyphoto_pipeline::{
     CancelToken, InferConfig, InferJob, Manifest, PipelineError, Progress, Silent, UserId, UserStore,
 };
@@ -83,6 +83,7 @@ fn config() -> InferConfig {
         short_side: 64,
         first_diffusion_steps: 10,
         second_diffusion_steps: 10,
+        seam_diffusion_steps: 10,
         seed: 7,
         ..InferConfig::default()
     }
@@ -226,6 +227,8 @@ fn single_template_end_to_end_writes_a_scored_result_and_changes_only_the_face_c
     // 10 steps × 0.45 = 4 sampler steps, 10 × 0.30 = 3.
     assert!(events.iter().any(|(m, s, t)| m == "first diffusion" && *s == 4 && *t == Some(4)));
     assert!(events.iter().any(|(m, s, t)| m == "second diffusion" && *s == 3 && *t == Some(3)));
+    // One person: no seam pass.
+    assert!(!events.iter().any(|(m, _, _)| m == "seam diffusion"));
 
     // Nothing written outside the output folder and the user's files.
     let all = files_under(tmp.path());
@@ -235,28 +238,47 @@ fn single_template_end_to_end_writes_a_scored_result_and_changes_only_the_face_c
 #[test]
 fn masks_cover_the_template_face_and_not_its_background() {
     let c = components();
-    let template = load_rgb(face_asset("astronaut.png")).unwrap();
-    let face = c.detector.detect_some(&template, "astronaut").unwrap()[0];
-    let (w, h) = template.dimensions();
-    let b = expand_box(face.bbox.map(f64::from), 1.1, w, h);
-    let masks = face_masks((w, h), &face, (b[2] - b[0]) as u32).unwrap();
-    let on = |m: &GrayImage, [x, y]: [f32; 2]| m[(x as u32, y as u32)][0] == 255;
-    for (name, m) in [("face", &masks.face), ("first", &masks.first)] {
+    for name in ["astronaut.png", "faceapi_sample3_640.png"] {
+        let template = load_rgb(face_asset(name)).unwrap();
+        let face = c.detector.detect_some(&template, name).unwrap()[0];
+        let (w, h) = template.dimensions();
+        let input_box = expand_box(face.bbox.map(f64::from), 1.1, w, h);
+        let parts = FaceParts::parse(c.parser.as_ref(), &template, &face).unwrap();
+        let first = parts.first_mask((input_box[2] - input_box[0]) as u32);
+        let second = parts.second_mask().unwrap();
+        let on = |m: &GrayImage, [x, y]: [f32; 2]| m[(x as u32, y as u32)][0] == 255;
+        let count = |m: &GrayImage, inside: [i32; 4]| {
+            m.enumerate_pixels()
+                .filter(|(x, y, p)| {
+                    let (x, y) = (*x as i32, *y as i32);
+                    p[0] == 255 && x >= inside[0] && x < inside[2] && y >= inside[1] && y < inside[3]
+                })
+                .count()
+        };
+        let detection = expand_box(face.bbox.map(f64::from), 1.0, w, h);
+        let det_area = ((detection[2] - detection[0]) * (detection[3] - detection[1])) as usize;
+        let whole = [0, 0, w as i32, h as i32];
+        // The face region: every landmark in, at least half of the detection box covered, and
+        // nothing outside the face box × 1.5 (the background stays out).
         for p in face.landmarks {
-            assert!(on(m, p), "{name} mask misses landmark {p:?}");
+            assert!(on(&parts.face, p), "{name}: the face mask misses landmark {p:?}");
         }
-        // The corners of the image (background) stay out.
-        for p in [[0.0, 0.0], [w as f32 - 1.0, 0.0], [0.0, h as f32 - 1.0], [w as f32 - 1.0, h as f32 - 1.0]] {
-            assert!(!on(m, p), "{name} mask covers the background at {p:?}");
-        }
-        let covered = m.pixels().filter(|p| p[0] == 255).count() as f64 / f64::from(w * h);
-        assert!(covered > 0.01 && covered < 0.3, "{name} mask covers {covered}");
+        let covered = count(&parts.face, detection);
+        assert!(covered * 2 > det_area, "{name}: the face mask covers {covered} of the {det_area} box pixels");
+        let around = expand_box(face.bbox.map(f64::from), 1.5, w, h);
+        assert_eq!(count(&parts.face, whole), count(&parts.face, around), "{name}: face mask outside the face");
+        // The first mask grows the face region by a tenth of the face width, no further than × 2.
+        assert!(parts.face.pixels().zip(first.pixels()).all(|(f, g)| f[0] <= g[0]));
+        let wider = expand_box(face.bbox.map(f64::from), 2.0, w, h);
+        assert_eq!(count(&first, whole), count(&first, wider), "{name}: first mask reaches the background");
+        // The second mask: a ring around the face plus the eyes and lips; the eyes are in, the nose
+        // tip (inside the ring, not an eye or a lip) is out; the eyes-and-lips part is small.
+        assert!(on(&second, face.landmarks[0]) && on(&second, face.landmarks[1]), "{name}: eyes");
+        assert!(!on(&second, face.landmarks[2]), "{name}: the second mask covers the nose");
+        let eyes_lips = count(&parts.eyes_lips, whole);
+        assert!(eyes_lips > 0 && eyes_lips * 4 < covered, "{name}: eyes and lips {eyes_lips} of a {covered} face");
+        assert_eq!(count(&second, whole), count(&second, wider), "{name}: second mask reaches the background");
     }
-    // The first mask grows the face mask; the second is a ring plus eyes and lips: the eyes are in,
-    // the nose tip (inside the ring, not an eye or lip) is out.
-    assert!(masks.face.pixels().zip(masks.first.pixels()).all(|(f, g)| f[0] <= g[0]));
-    assert!(on(&masks.second, face.landmarks[0]) && on(&masks.second, face.landmarks[1]));
-    assert!(!on(&masks.second, face.landmarks[2]));
 }
 
 #[test]
@@ -267,29 +289,48 @@ fn multi_person_template_changes_only_the_selected_faces() {
     let template = load_rgb(face_asset("faceapi_sample1_640.png")).unwrap();
     let (w, h) = template.dimensions();
     let mut faces = c.detector.detect(&template).unwrap();
-    assert!(faces.len() >= 2, "the group photo has {} faces", faces.len());
+    assert_eq!(faces.len(), 3, "the group photo has three faces");
     faces.sort_by(|a, b| a.bbox[0].total_cmp(&b.bbox[0]));
-    let user = UserAssets::load(&store, &id, &c).unwrap();
-    // Skip the left-most face, process the second.
-    let users = [None, Some(user)];
+    // The left and right faces repainted, the middle one skipped.
+    let users =
+        [Some(UserAssets::load(&store, &id, &c).unwrap()), None, Some(UserAssets::load(&store, &id, &c).unwrap())];
+    let events = Mutex::new(Vec::new());
+    let observer = |e: Progress<'_>| events.lock().unwrap().push((e.message.to_string(), e.step, e.total));
     let result =
-        infer_template(&template, "group", &users, &mut c, &config(), 3, &Silent, &CancelToken::new()).unwrap();
-    assert_eq!(result.faces.len(), 1);
-    assert_eq!(result.faces[0].face, 1);
-    let crop_box = result.faces[0].crop_box;
-    assert_eq!(crop_box, expand_box(faces[1].bbox.map(f64::from), 3.0, w, h));
-    let changed = changed_box(&result.image, &template).expect("the second face was repainted");
-    assert!(inside(changed, crop_box), "changed {changed:?} outside the second face's crop {crop_box:?}");
-    // The skipped face's own box is untouched.
-    let skipped = expand_box(faces[0].bbox.map(f64::from), 1.0, w, h);
+        infer_template(&template, "group", &users, &mut c, &config(), 3, &observer, &CancelToken::new()).unwrap();
+    assert_eq!(result.faces.iter().map(|f| f.face).collect::<Vec<_>>(), [0, 2]);
+    let crops: Vec<[i32; 4]> = result.faces.iter().map(|f| f.crop_box).collect();
+    for (crop, k) in crops.iter().zip([0, 2]) {
+        assert_eq!(*crop, expand_box(faces[k].bbox.map(f64::from), 3.0, w, h));
+        let changed = result.image.enumerate_pixels().filter(|(x, y, p)| {
+            let (xi, yi) = (*x as i32, *y as i32);
+            xi >= crop[0] && xi < crop[2] && yi >= crop[1] && yi < crop[3] && **p != template[(*x, *y)]
+        });
+        assert!(changed.count() > 0, "face {k} was not repainted");
+    }
+    // The seam pass ran (10 steps × 0.3 = 3 sampler steps).
+    let events = events.into_inner().unwrap();
+    assert!(events.iter().any(|(m, s, t)| m == "seam diffusion" && *s == 3 && *t == Some(3)), "no seam pass");
+    // Nothing changed outside the selected faces' crops, and the skipped face's box is untouched
+    // wherever it is not inside a selected crop.
+    let in_crops = |x: i32, y: i32| crops.iter().any(|b| x >= b[0] && x < b[2] && y >= b[1] && y < b[3]);
+    for (x, y, p) in result.image.enumerate_pixels() {
+        if !in_crops(x as i32, y as i32) {
+            assert_eq!(*p, template[(x, y)], "pixel ({x}, {y}) outside the selected crops changed");
+        }
+    }
+    let skipped = expand_box(faces[1].bbox.map(f64::from), 1.0, w, h);
+    let mut checked = 0;
     for y in skipped[1]..skipped[3] {
         for x in skipped[0]..skipped[2] {
-            let inside_selected = x >= crop_box[0] && x < crop_box[2] && y >= crop_box[1] && y < crop_box[3];
-            if !inside_selected {
+            if !in_crops(x, y) {
                 assert_eq!(result.image[(x as u32, y as u32)], template[(x as u32, y as u32)]);
+                checked += 1;
             }
         }
     }
+    let area = ((skipped[2] - skipped[0]) * (skipped[3] - skipped[1])) as usize;
+    assert!(checked * 2 > area, "only {checked} of the skipped face's {area} pixels lie outside the selected crops");
 }
 
 #[test]
