@@ -33,6 +33,30 @@ struct Args {
     /// Timed runs after one warm-up run.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// The dtype of the model (f16 / bf16: weights and activations in that dtype, the linear and
+    /// convolution kernels computing in f32).
+    #[arg(long, default_value = "f32")]
+    dtype: Precision,
+    /// How an f32 model keeps its linear and convolution weights (`cpu::set_weight_dtype`).
+    #[arg(long, default_value = "f32")]
+    weights: Precision,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Precision {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl From<Precision> for DType {
+    fn from(p: Precision) -> Self {
+        match p {
+            Precision::F32 => DType::F32,
+            Precision::F16 => DType::F16,
+            Precision::Bf16 => DType::BF16,
+        }
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -52,21 +76,25 @@ fn peak_rss_mib() -> f64 {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // The recommended allocator setting for model inference (see its docs).
+    easyphoto::diffusion::cpu::keep_freed_memory();
     let configs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tools/bench/configs");
     let device = Device::Cpu;
-    let vb = random_var_builder(DType::F32, &device);
+    let dtype = DType::from(args.dtype);
+    easyphoto::diffusion::cpu::set_weight_dtype(Some(args.weights.into()));
+    let vb = random_var_builder(dtype, &device);
     let rss_before = peak_rss_mib();
     let mut run: Box<dyn FnMut() -> anyhow::Result<Tensor>> = match args.model {
         Model::Unet => {
             let unet = UNet2DConditionModel::new(vb, &read_config(&configs.join("sd15_unet.json"))?)?;
-            let sample = Tensor::randn(0f32, 1.0, (2, 4, 64, 64), &device)?;
-            let context = Tensor::randn(0f32, 1.0, (2, 77, 768), &device)?;
+            let sample = Tensor::randn(0f32, 1.0, (2, 4, 64, 64), &device)?.to_dtype(dtype)?;
+            let context = Tensor::randn(0f32, 1.0, (2, 77, 768), &device)?.to_dtype(dtype)?;
             let t = Tensor::new(&[999f32, 999.], &device)?;
             Box::new(move || Ok(unet.forward(&sample, &t, &context, &Default::default())?))
         }
         Model::VaeDecode => {
             let vae = AutoencoderKL::new(vb, &read_config(&configs.join("sd15_vae.json"))?)?;
-            let latents = Tensor::randn(0f32, 1.0, (1, 4, 64, 64), &device)?;
+            let latents = Tensor::randn(0f32, 1.0, (1, 4, 64, 64), &device)?.to_dtype(dtype)?;
             Box::new(move || Ok(vae.decode(&latents)?))
         }
         Model::ClipL => {
@@ -92,8 +120,9 @@ fn main() -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<_>>()?;
     println!(
-        "{{\"impl\": \"easyphoto-rs\", \"threads\": {}, \"median_s\": {:.3}, \"times_s\": {:?}, \"peak_rss_mib\": {:.0}, \"weights_mib\": {:.0}}}",
+        "{{\"impl\": \"easyphoto-rs\", \"threads\": {}, \"dtype\": \"{dtype:?}\", \"weights\": \"{:?}\", \"median_s\": {:.3}, \"times_s\": {:?}, \"peak_rss_mib\": {:.0}, \"weights_mib\": {:.0}}}",
         candle_core::utils::get_num_threads(),
+        DType::from(args.weights),
         median(times.clone()),
         times.iter().map(|t| (t * 1000.0).round() / 1000.0).collect::<Vec<_>>(),
         peak_rss_mib(),
