@@ -57,8 +57,8 @@ pub enum FaceError {
         path: PathBuf,
     },
 
-    /// An image is not in a format this build decodes (PNG and JPEG).
-    #[error("image `{}` is not in a supported format (PNG or JPEG)", path.display())]
+    /// An image is not in a format this build decodes (PNG, JPEG, BMP and TIFF).
+    #[error("image `{}` is not in a supported format (PNG, JPEG, BMP or TIFF)", path.display())]
     UnsupportedImage {
         /// The image file.
         path: PathBuf,

@@ -46,7 +46,7 @@ pub fn load_rgb_with(path: impl AsRef<Path>, limits: &DecodeLimits) -> Result<Rg
     decode_rgb(&bytes, path, limits)
 }
 
-/// Decodes an encoded image (PNG or JPEG) held in memory as 8-bit RGB within `limits`; `name`
+/// Decodes an encoded image (PNG, JPEG, BMP or TIFF) held in memory as 8-bit RGB within `limits`; `name`
 /// (a file name or any label) is what errors report.
 pub fn decode_rgb(bytes: &[u8], name: impl AsRef<Path>, limits: &DecodeLimits) -> Result<RgbImage, FaceError> {
     let path = name.as_ref().to_path_buf();
