@@ -157,20 +157,26 @@ impl PromptEncoder {
     fn states(&self, ids: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
         let model = self.encoder.text_model();
         let layers = model.config().num_hidden_layers;
-        let pooled = match &self.encoder {
-            Encoder::Projected(m) => Some(m.forward(ids)?.text_embeds),
-            Encoder::Plain(_) => None,
-        };
-        let states = match self.layer {
+        // The number of layers to run, and whether the final norm follows.
+        let (depth, normed) = match self.layer {
             Layer::Normed { skip: 0 } => {
                 return Err(DiffusionError::input("clip_skip", "must be at least 1".to_string()));
             }
             Layer::Normed { skip } if skip > layers => {
                 return Err(DiffusionError::input("clip_skip", format!("{skip} > {layers} layers")));
             }
-            Layer::Normed { skip } => model.final_layer_norm(&model.hidden_state(ids, layers + 1 - skip)?)?,
-            Layer::Penultimate => model.hidden_state(ids, layers.saturating_sub(1))?,
+            Layer::Normed { skip } => (layers + 1 - skip, true),
+            Layer::Penultimate => (layers.saturating_sub(1), false),
         };
+        let (states, pooled) = match &self.encoder {
+            // The projection needs every layer: take the states from the same forward.
+            Encoder::Projected(m) => {
+                let out = m.forward(ids)?;
+                (out.hidden_states[depth].clone(), Some(out.text_embeds))
+            }
+            Encoder::Plain(_) => (model.hidden_state(ids, depth)?, None),
+        };
+        let states = if normed { model.final_layer_norm(&states)? } else { states };
         Ok((states, pooled))
     }
 }
