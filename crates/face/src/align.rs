@@ -285,8 +285,10 @@ impl Warp<'_> {
 
         let origin = self.row_origin(y);
         let width = row.len() / C;
-        // Gather offsets are i32: images too large for them take the scalar kernel.
-        let groups = if self.src.len() < (i32::MAX as usize) / 2 { width / 8 } else { 0 };
+        // Gather offsets are i32 and bounds are compared in f32 (exact below 2^24): larger images
+        // take the scalar kernel.
+        let small = self.src.len() < (i32::MAX as usize) / 2 && self.src_w < 1 << 24 && self.src_h < 1 << 24;
+        let groups = if small { width / 8 } else { 0 };
         let (w, h) = (self.src_w as f32, self.src_h as f32);
         let splat = _mm256_set1_ps;
         let (m00, m10, ox, oy) = (splat(self.m00), splat(self.m10), splat(origin.0), splat(origin.1));
