@@ -17,6 +17,8 @@ use easyphoto_diffusion::cpu::profile;
 use easyphoto_diffusion::weights::random_var_builder;
 
 fn main() -> anyhow::Result<()> {
+    // The recommended allocator setting for model inference (see its docs).
+    easyphoto_diffusion::cpu::keep_freed_memory();
     // `cargo bench` passes `--bench`; the first number on the command line is the run count.
     let runs = std::env::args().skip(1).find_map(|a| a.parse::<usize>().ok()).unwrap_or(3);
     let device = Device::Cpu;

@@ -330,7 +330,7 @@ impl ControlNetModel {
             }
             _ => image.clone(),
         };
-        Ok(self.controlnet_cond_embedding.forward(&image.to_dtype(self.conv_in.weight().dtype())?)?)
+        Ok(self.controlnet_cond_embedding.forward(&image.to_dtype(self.conv_in.bias().unwrap_or(self.conv_in.weight()).dtype())?)?)
     }
 
     /// The residuals for `sample` `[B, C, h, w]` at `timesteps` (one per sample, or one for the
