@@ -330,7 +330,9 @@ impl ControlNetModel {
             }
             _ => image.clone(),
         };
-        Ok(self.controlnet_cond_embedding.forward(&image.to_dtype(self.conv_in.bias().unwrap_or(self.conv_in.weight()).dtype())?)?)
+        // The bias's dtype: f32 also when the weights are stored in f16 (`cpu::set_weight_dtype`).
+        let dtype = self.conv_in.bias().unwrap_or(self.conv_in.weight()).dtype();
+        Ok(self.controlnet_cond_embedding.forward(&image.to_dtype(dtype)?)?)
     }
 
     /// The residuals for `sample` `[B, C, h, w]` at `timesteps` (one per sample, or one for the
