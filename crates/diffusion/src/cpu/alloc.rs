@@ -3,8 +3,9 @@
 //! candle allocates every op's output. glibc's `malloc` serves large blocks (above a threshold
 //! that grows to at most 32 MiB) from fresh `mmap`s and gives them back on `free`, and trims the
 //! top of the heap when enough of it is free: the next output of the same size then faults in
-//! every page again (measured: first touch of 134 MB 82 ms, a second pass 34 ms). One UNet
-//! forward faults about 0.2 million pages this way (≈ 5 % of its time on 2 threads).
+//! every page again (measured: first touch of 134 MB 82 ms, a second pass 34 ms). One SD1.5
+//! UNet forward faults about 0.2 million pages this way (0.6–1.5 s of system time, 4–10 % of its
+//! CPU time, measured under load).
 //! [`keep_freed_memory`] turns both off, the setting this crate recommends for a process that
 //! runs models on the CPU (the benchmark binaries call it first thing). Peak memory stays the same
 //! (the freed blocks are reused for the next outputs), but the process no longer hands memory
