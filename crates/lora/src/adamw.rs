@@ -60,12 +60,21 @@ impl AdamW {
     /// `p ← p·(1 − lr·wd)`, `m ← β1·m + (1−β1)·g`, `v ← β2·v + (1−β2)·g²`,
     /// `p ← p − lr/(1−β1ᵗ) · m / (√v/√(1−β2ᵗ) + ε)`.
     pub fn step(&mut self, params: &[(&Var, f64)], grads: &[Tensor]) -> Result<(), LoraError> {
+        let grads: Vec<Option<&Tensor>> = grads.iter().map(Some).collect();
+        self.step_partial(params, &grads)
+    }
+
+    /// [`AdamW::step`] where a parameter without a gradient (`None`: it did not reach the loss,
+    /// as the last layer of SDXL's first text encoder) is left untouched, moments included, as
+    /// torch does for a `None` grad. The step count `t` is shared by all parameters.
+    pub fn step_partial(&mut self, params: &[(&Var, f64)], grads: &[Option<&Tensor>]) -> Result<(), LoraError> {
         self.step += 1;
         let c = self.config;
         let t = self.step as i32;
         let bc1 = 1.0 - c.adam_beta1.powi(t);
         let bc2_sqrt = (1.0 - c.adam_beta2.powi(t)).sqrt();
         for (((p, lr), g), (m, v)) in params.iter().zip(grads).zip(self.moments.iter_mut()) {
+            let Some(g) = g else { continue };
             // candle's gradients of variables still reference the forward graph they came from;
             // moments built on them would keep every step's graph alive.
             let g = &g.detach();

@@ -15,7 +15,7 @@
 //! - [`network`]: the trainable LoRA (kohya's targets and init), attached to the frozen models.
 //! - [`adamw`]: torch's AdamW and gradient-norm clipping, with saveable state.
 //! - [`train_config`]: EasyPhoto's training recipe as an overridable config.
-//! - [`trainer`]: the training loop: checkpoints, resume, callbacks.
+//! - [`trainer`]: the training loop (SD1/SD2 and SDXL): checkpoints, resume, callbacks.
 //! - [`error`]: the crate's error type.
 
 pub mod adamw;
@@ -44,7 +44,10 @@ pub use naming::{KohyaPrefix, ModuleIndex, kohya_name};
 pub use network::LoraNetwork;
 pub use peft_file::{PeftAlpha, load_peft, save_peft};
 pub use train_config::TrainConfig;
-pub use trainer::{Callbacks, Progress, TrainImage, TrainModels, Trained, diffusion_loss, train};
+pub use trainer::{
+    Callbacks, Progress, SdxlTrainModels, TrainImage, TrainModels, Trained, diffusion_loss, sdxl_text_conditioning,
+    train, train_sdxl,
+};
 
 /// Reads a LoRA file in either format: diffusers/peft when some key has `lora_A`/`lora_B`, kohya
 /// otherwise.

@@ -16,7 +16,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
 use easyphoto_diffusion::schedulers::{DdpmScheduler, PredictionType};
-use easyphoto_diffusion::{AutoencoderKL, CLIPTextModel, UNet2DConditionModel, UNetConditioning};
+use easyphoto_diffusion::{
+    AutoencoderKL, CLIPTextModel, CLIPTextModelWithProjection, UNet2DConditionModel, UNetConditioning, VisitLayers,
+};
 use image::RgbImage;
 use image::imageops::FilterType;
 use rand::seq::SliceRandom;
@@ -44,6 +46,26 @@ pub struct TrainModels<'a> {
     pub unet: &'a mut UNet2DConditionModel,
     pub text_encoder: &'a mut CLIPTextModel,
     pub vae: &'a AutoencoderKL,
+}
+
+/// SDXL's frozen models, for [`train_sdxl`].
+pub struct SdxlTrainModels<'a> {
+    pub unet: &'a mut UNet2DConditionModel,
+    pub text_encoder: &'a mut CLIPTextModel,
+    pub text_encoder_2: &'a mut CLIPTextModelWithProjection,
+    pub vae: &'a AutoencoderKL,
+    /// The second tokenizer's pad id (SDXL: 0, `!`): a caption's ids after its first
+    /// end-of-text token are replaced by it for the second encoder.
+    pub pad_token_id_2: u32,
+}
+
+/// The frozen models of either family.
+struct Frozen<'a> {
+    unet: &'a mut UNet2DConditionModel,
+    text_encoder: &'a mut CLIPTextModel,
+    /// SDXL's second encoder and its pad id.
+    text_encoder_2: Option<(&'a mut CLIPTextModelWithProjection, u32)>,
+    vae: &'a AutoencoderKL,
 }
 
 /// Reported after every optimizer step.
@@ -97,6 +119,34 @@ pub fn train(
     data: &[TrainImage],
     config: &TrainConfig,
     output_dir: &Path,
+    callbacks: Callbacks,
+) -> Result<Trained, LoraError> {
+    let TrainModels { unet, text_encoder, vae } = models;
+    run(Frozen { unet, text_encoder, text_encoder_2: None, vae }, data, config, output_dir, callbacks)
+}
+
+/// [`train`] for SDXL (kohya `sdxl_train_network.py`; [`TrainConfig::sdxl`] is its recipe): the
+/// text conditioning is [`sdxl_text_conditioning`], and each image's micro-conditioning
+/// `time_ids` are its original size `(h, w)`, the crop's top-left corner in the resized image
+/// and the target size `(resolution, resolution)`. Text-encoder LoRAs are `lora_te1_` /
+/// `lora_te2_`; checkpoints say `ss_base_model_version = sdxl_base_v1-0`.
+pub fn train_sdxl(
+    models: SdxlTrainModels,
+    data: &[TrainImage],
+    config: &TrainConfig,
+    output_dir: &Path,
+    callbacks: Callbacks,
+) -> Result<Trained, LoraError> {
+    let SdxlTrainModels { unet, text_encoder, text_encoder_2, vae, pad_token_id_2 } = models;
+    let frozen = Frozen { unet, text_encoder, text_encoder_2: Some((text_encoder_2, pad_token_id_2)), vae };
+    run(frozen, data, config, output_dir, callbacks)
+}
+
+fn run(
+    models: Frozen,
+    data: &[TrainImage],
+    config: &TrainConfig,
+    output_dir: &Path,
     mut callbacks: Callbacks,
 ) -> Result<Trained, LoraError> {
     config.validate()?;
@@ -104,14 +154,15 @@ pub fn train(
         return Err(LoraError::Config { field: "data".into(), reason: "no training image".into() });
     }
     std::fs::create_dir_all(output_dir).map_err(|source| LoraError::Write { file: output_dir.into(), source })?;
-    let TrainModels { unet, text_encoder, vae } = models;
+    let Frozen { unet, text_encoder, mut text_encoder_2, vae } = models;
+    let sdxl = text_encoder_2.is_some();
     let scheduler = DdpmScheduler::new(config.noise_scheduler.clone())?;
     let max_steps = config.steps_for(data.len());
     let state_path = output_dir.join(STATE_FILE);
 
     let train_te = config.train_text_encoder;
     let resumed = if state_path.exists() {
-        Some(load_state(&state_path, &mut targets(unet, text_encoder, train_te), config)?)
+        Some(load_state(&state_path, &mut targets(unet, text_encoder, &mut text_encoder_2, train_te), config)?)
     } else {
         None
     };
@@ -120,7 +171,7 @@ pub fn train(
         None => {
             let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
             let network = LoraNetwork::new(
-                &mut targets(unet, text_encoder, train_te),
+                &mut targets(unet, text_encoder, &mut text_encoder_2, train_te),
                 config.rank,
                 config.network_alpha,
                 &mut rng,
@@ -130,8 +181,8 @@ pub fn train(
             (network, optimizer, 0)
         }
     };
-    detach(&mut targets(unet, text_encoder, train_te));
-    network.attach(&mut targets(unet, text_encoder, train_te), 1.0);
+    detach(&mut targets(unet, text_encoder, &mut text_encoder_2, train_te));
+    network.attach(&mut targets(unet, text_encoder, &mut text_encoder_2, train_te), 1.0);
     let params: Vec<(&Var, f64)> = network
         .modules()
         .iter()
@@ -153,10 +204,23 @@ pub fn train(
                 let first = ((step - 1) * config.gradient_accumulation_steps + micro) * config.train_batch_size;
                 let indices: Vec<usize> =
                     (first..first + config.train_batch_size).map(|i| data_index(config.seed, data.len(), i)).collect();
-                let (pixels, ids) = batch(data, &indices, config, &mut rng, unet.device())?;
+                let (pixels, ids, time_ids) = batch(data, &indices, config, &mut rng, unet.device())?;
                 // The frozen models' dtype (f32, or f16/bf16 for mixed precision with f32 LoRA
                 // weights), read from the text encoder's output.
-                let hidden = text_encoder.forward(&ids)?.last_hidden_state;
+                let (hidden, pooled) = match &text_encoder_2 {
+                    None => (text_encoder.forward(&ids)?.last_hidden_state, None),
+                    Some((te2, pad)) => {
+                        let (hidden, pooled) = sdxl_text_conditioning(text_encoder, te2, &ids, *pad)?;
+                        (hidden, Some(pooled))
+                    }
+                };
+                let time_ids = time_ids.to_dtype(hidden.dtype())?;
+                let cond = match &pooled {
+                    Some(pooled) => {
+                        UNetConditioning { text_embeds: Some(pooled), time_ids: Some(&time_ids), ..Default::default() }
+                    }
+                    None => UNetConditioning::default(),
+                };
                 let latents = {
                     let dist = vae.encode(&pixels.to_dtype(hidden.dtype())?)?;
                     let noise = normal(&mut rng, dist.mean.dims(), dist.mean.device())?;
@@ -168,15 +232,7 @@ pub fn train(
                 let timesteps: Vec<usize> = (0..indices.len())
                     .map(|_| rng.random_range(0..config.noise_scheduler.num_train_timesteps))
                     .collect();
-                let loss = diffusion_loss(
-                    unet,
-                    &scheduler,
-                    &latents,
-                    &noise,
-                    &timesteps,
-                    &hidden,
-                    &UNetConditioning::default(),
-                )?;
+                let loss = diffusion_loss(unet, &scheduler, &latents, &noise, &timesteps, &hidden, &cond)?;
                 loss_sum += loss.to_scalar::<f32>()?;
                 let scaled = loss.affine(1.0 / config.gradient_accumulation_steps as f64, 0.0)?;
                 let store = scaled.backward()?;
@@ -195,16 +251,15 @@ pub fn train(
             if !loss.is_finite() {
                 return Err(LoraError::NonFiniteLoss { step, loss });
             }
-            let mut grads: Vec<Tensor> = grads
-                .into_iter()
-                .zip(&params)
-                .map(|(g, (p, _))| g.map_or_else(|| p.as_tensor().zeros_like(), Ok))
-                .collect::<Result<_, _>>()?;
-            clip_grad_norm(&mut grads, config.max_grad_norm)?;
-            optimizer.step(&params, &grads)?;
+            // Parameters the loss does not reach (SDXL's first encoder's last layer) get no update.
+            let mut present: Vec<Tensor> = grads.iter().flatten().cloned().collect();
+            clip_grad_norm(&mut present, config.max_grad_norm)?;
+            let mut clipped = present.iter();
+            let grads: Vec<Option<&Tensor>> = grads.iter().map(|g| g.as_ref().and_then(|_| clipped.next())).collect();
+            optimizer.step_partial(&params, &grads)?;
             result.last_loss = loss;
             if step % config.checkpointing_steps == 0 || step == max_steps {
-                let path = save_checkpoint(&network, &optimizer, config, output_dir, step)?;
+                let path = save_checkpoint(&network, &optimizer, config, output_dir, step, sdxl)?;
                 if let Some(cb) = callbacks.checkpoint.as_mut() {
                     cb(&path, step);
                 }
@@ -219,13 +274,52 @@ pub fn train(
         }
         Ok(())
     })();
-    detach(&mut targets(unet, text_encoder, train_te));
+    detach(&mut targets(unet, text_encoder, &mut text_encoder_2, train_te));
     outcome.map(|()| result)
 }
 
 /// The models a training run adapts.
-fn targets<'a>(unet: &'a mut UNet2DConditionModel, text_encoder: &'a mut CLIPTextModel, train_te: bool) -> Targets<'a> {
-    Targets { unet: Some(unet), text_encoder: if train_te { Some(text_encoder) } else { None }, text_encoder_2: None }
+fn targets<'a>(
+    unet: &'a mut UNet2DConditionModel,
+    text_encoder: &'a mut CLIPTextModel,
+    text_encoder_2: &'a mut Option<(&mut CLIPTextModelWithProjection, u32)>,
+    train_te: bool,
+) -> Targets<'a> {
+    let te2 = text_encoder_2.as_mut().filter(|_| train_te).map(|(te2, _)| &mut **te2 as &mut dyn VisitLayers);
+    Targets { unet: Some(unet), text_encoder: if train_te { Some(text_encoder) } else { None }, text_encoder_2: te2 }
+}
+
+/// SDXL's text conditioning (diffusers' `encode_prompt`, kohya's SDXL training): the
+/// penultimate hidden states of both encoders (no final norm) concatenated, `[B, N, D1 + D2]`,
+/// and the second encoder's projected pooled output `text_embeds` `[B, P]`. The second encoder
+/// reads `ids` with everything after the first end-of-text token replaced by `pad_token_id_2`.
+pub fn sdxl_text_conditioning(
+    text_encoder: &CLIPTextModel,
+    text_encoder_2: &CLIPTextModelWithProjection,
+    ids: &Tensor,
+    pad_token_id_2: u32,
+) -> Result<(Tensor, Tensor), LoraError> {
+    let layers = text_encoder.config().num_hidden_layers;
+    let first = text_encoder.hidden_state(ids, layers.saturating_sub(1))?;
+    let eos = text_encoder_2.text_model().config().eos_token_id;
+    let rows: Vec<Vec<u32>> =
+        ids.to_dtype(DType::U32)?.to_vec2()?.into_iter().map(|row| pad_after_eos(row, eos, pad_token_id_2)).collect();
+    let ids_2 = Tensor::new(rows, ids.device())?;
+    let out = text_encoder_2.forward(&ids_2)?;
+    let n = out.hidden_states.len();
+    let second = out.hidden_states.get(n.wrapping_sub(2)).ok_or_else(|| LoraError::Config {
+        field: "text_encoder_2".into(),
+        reason: "needs at least one layer".into(),
+    })?;
+    Ok((Tensor::cat(&[&first, &second.to_dtype(first.dtype())?], 2)?, out.text_embeds))
+}
+
+/// `row` with the ids after its first `eos` replaced by `pad`.
+fn pad_after_eos(mut row: Vec<u32>, eos: Option<u32>, pad: u32) -> Vec<u32> {
+    if let Some(end) = row.iter().position(|&id| Some(id) == eos) {
+        row[end + 1..].fill(pad);
+    }
+    row
 }
 
 /// `MSE(unet(noisy, t, hidden), target)`, averaged over every element in f32, with `noisy` the
@@ -269,18 +363,23 @@ fn normal(rng: &mut ChaCha8Rng, shape: &[usize], device: &Device) -> Result<Tens
     Ok(Tensor::from_vec(v, shape, device)?)
 }
 
-/// The augmented pixels `[B, 3, R, R]` in [-1, 1] and the token ids `[B, L]` of `indices`.
+/// The augmented pixels `[B, 3, R, R]` in [-1, 1], the token ids `[B, L]` of `indices` and
+/// SDXL's `time_ids` `[B, 6]` (original `(h, w)`, crop top-left, target `(R, R)`).
 fn batch(
     data: &[TrainImage],
     indices: &[usize],
     config: &TrainConfig,
     rng: &mut ChaCha8Rng,
     device: &Device,
-) -> Result<(Tensor, Tensor), LoraError> {
+) -> Result<(Tensor, Tensor, Tensor), LoraError> {
     let mut pixels = vec![];
     let mut ids = vec![];
+    let mut time_ids = vec![];
     for &i in indices {
-        let image = augment(&data[i].image, config, rng);
+        let (image, (top, left)) = augment_with_crop(&data[i].image, config, rng);
+        let (w, h) = data[i].image.dimensions();
+        let r = config.resolution;
+        time_ids.extend([h, w, top, left, r, r].map(|v| v as f32));
         let r = config.resolution as usize;
         let v: Vec<f32> = image.pixels().flat_map(|p| p.0.map(|c| f32::from(c) / 127.5 - 1.0)).collect();
         pixels.push(Tensor::from_vec(v, (r, r, 3), device)?.permute((2, 0, 1))?);
@@ -290,12 +389,18 @@ fn batch(
         field: "input_ids".into(),
         reason: "captions of one batch must have the same token count".into(),
     })?;
-    Ok((Tensor::stack(&pixels, 0)?.contiguous()?, ids))
+    let time_ids = Tensor::from_vec(time_ids, (indices.len(), 6), device)?;
+    Ok((Tensor::stack(&pixels, 0)?.contiguous()?, ids, time_ids))
 }
 
 /// EasyPhoto's augmentation: resize so the short side is the resolution (bilinear), crop a
 /// square (random, or centred), flip horizontally with probability 1/2.
 pub fn augment(image: &RgbImage, config: &TrainConfig, rng: &mut impl Rng) -> RgbImage {
+    augment_with_crop(image, config, rng).0
+}
+
+/// [`augment`], also returning the crop's top-left corner `(y, x)` in the resized image.
+fn augment_with_crop(image: &RgbImage, config: &TrainConfig, rng: &mut impl Rng) -> (RgbImage, (u32, u32)) {
     let r = config.resolution;
     let (w, h) = image.dimensions();
     let scale = f64::from(r) / f64::from(w.min(h));
@@ -310,7 +415,7 @@ pub fn augment(image: &RgbImage, config: &TrainConfig, rng: &mut impl Rng) -> Rg
     if config.random_flip && rng.random_bool(0.5) {
         image::imageops::flip_horizontal_in_place(&mut crop);
     }
-    crop
+    (crop, (y, x))
 }
 
 /// Writes `checkpoint-<step>.safetensors` (kohya, f16) and then the resumable state, both
@@ -321,11 +426,13 @@ fn save_checkpoint(
     config: &TrainConfig,
     dir: &Path,
     step: usize,
+    sdxl: bool,
 ) -> Result<PathBuf, LoraError> {
+    let base = if sdxl { "sdxl_base_v1-0" } else { "sd_v1" };
     let metadata = BTreeMap::from([
         ("ss_network_dim".to_string(), config.rank.to_string()),
         ("ss_network_alpha".to_string(), config.network_alpha.to_string()),
-        ("ss_base_model_version".to_string(), "sd_v1".to_string()),
+        ("ss_base_model_version".to_string(), base.to_string()),
         ("ss_steps".to_string(), step.to_string()),
     ]);
     let path = checkpoint_path(dir, step);
@@ -391,4 +498,14 @@ fn load_state(
         ordered.extend(moments.remove(&m.name).ok_or_else(|| bad(format!("no optimizer state for `{}`", m.name)))?);
     }
     Ok((network, AdamW::from_state(config.adam, step, ordered), step))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn second_encoder_ids_are_padded_after_the_first_end_of_text() {
+        assert_eq!(super::pad_after_eos(vec![406, 5, 407, 407, 407], Some(407), 0), [406, 5, 407, 0, 0]);
+        assert_eq!(super::pad_after_eos(vec![406, 5, 6], Some(407), 0), [406, 5, 6]);
+        assert_eq!(super::pad_after_eos(vec![406, 407], None, 0), [406, 407]);
+    }
 }

@@ -10,12 +10,17 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::{fixture, tensors};
-use easyphoto_diffusion::diffusers_folder::{load_clip_text_model, load_unet, load_vae};
+use easyphoto_diffusion::diffusers_folder::{
+    load_clip_text_model, load_clip_text_model_with_projection, load_unet, load_vae,
+};
 use easyphoto_diffusion::schedulers::DdpmScheduler;
-use easyphoto_diffusion::{AutoencoderKL, CLIPTextModel, UNet2DConditionModel, UNetConditioning};
+use easyphoto_diffusion::{
+    AutoencoderKL, CLIPTextModel, CLIPTextModelWithProjection, UNet2DConditionModel, UNetConditioning,
+};
 use easyphoto_lora::adamw::{AdamW, clip_grad_norm};
 use easyphoto_lora::{
-    Callbacks, KohyaLora, LoraError, LoraNetwork, Targets, TrainConfig, TrainImage, TrainModels, diffusion_loss, train,
+    Callbacks, KohyaLora, LoraError, LoraNetwork, SdxlTrainModels, Targets, TrainConfig, TrainImage, TrainModels,
+    diffusion_loss, merge, sdxl_text_conditioning, train, train_sdxl,
 };
 use rand::SeedableRng;
 
@@ -29,6 +34,15 @@ fn text_encoder() -> CLIPTextModel {
 
 fn vae() -> AutoencoderKL {
     load_vae(&fixture("train/vae"), None, DType::F32, &Device::Cpu).unwrap()
+}
+
+fn sdxl_models() -> (UNet2DConditionModel, CLIPTextModel, CLIPTextModelWithProjection) {
+    let dev = &Device::Cpu;
+    (
+        load_unet(&fixture("apply/sdxl_unet"), None, DType::F32, dev).unwrap(),
+        load_clip_text_model(&fixture("apply/sdxl_te1"), None, DType::F32, dev).unwrap(),
+        load_clip_text_model_with_projection(&fixture("apply/sdxl_te2"), None, DType::F32, dev).unwrap(),
+    )
 }
 
 fn scalar(t: &Tensor) -> f32 {
@@ -410,4 +424,133 @@ fn mixed_precision_trains_f32_lora_on_an_f16_model() {
         .modules()
         .map(|(_, m)| m.up.abs().unwrap().to_dtype(DType::F32).unwrap().max_all().unwrap().to_scalar::<f32>().unwrap());
     assert!(moved.fold(0f32, f32::max) > 0.0);
+}
+
+#[test]
+fn sdxl_one_step_matches_pytorch_peft() {
+    // Fixture: tools/reference/lora_train_step_sdxl.py (UNet and both text encoders adapted).
+    let io = tensors("train/sdxl_step_io.safetensors");
+    let init = KohyaLora::load(fixture("train/sdxl_step_init.safetensors"), &Device::Cpu).unwrap();
+    let (mut unet, mut te1, mut te2) = sdxl_models();
+    let mut targets = Targets { unet: Some(&mut unet), text_encoder: Some(&mut te1), text_encoder_2: Some(&mut te2) };
+    let network = LoraNetwork::from_lora(&mut targets, &init).unwrap();
+    network.attach(&mut targets, 1.0);
+    let names: Vec<String> =
+        network.modules().iter().flat_map(|m| [format!("{}.down", m.name), format!("{}.up", m.name)]).collect();
+    let count = |prefix: &str| network.modules().iter().filter(|m| m.name.starts_with(prefix)).count();
+    assert_eq!((count("lora_unet_"), count("lora_te1_"), count("lora_te2_")), (88, 12, 12));
+
+    let ids = io["input_ids"].to_dtype(DType::U32).unwrap();
+    let (hidden, pooled) = sdxl_text_conditioning(&te1, &te2, &ids, 0).unwrap();
+    let cond = UNetConditioning { text_embeds: Some(&pooled), time_ids: Some(&io["time_ids"]), ..Default::default() };
+    let config = TrainConfig::sdxl();
+    let scheduler = DdpmScheduler::new(config.noise_scheduler.clone()).unwrap();
+    let timesteps: Vec<usize> = io["timesteps"].to_vec1::<f32>().unwrap().iter().map(|&t| t as usize).collect();
+    let loss = diffusion_loss(&unet, &scheduler, &io["latents"], &io["noise"], &timesteps, &hidden, &cond).unwrap();
+    let (got, want) = (loss.to_scalar::<f32>().unwrap(), scalar(&io["loss"]));
+    println!("loss {got} vs {want}: error {:e}", (got - want).abs());
+    assert!((got - want).abs() <= 1e-5);
+
+    let store = loss.backward().unwrap();
+    let lr = f64::from(scalar(&io["lr"]));
+    let params: Vec<(&Var, f64)> = network.modules().iter().flat_map(|m| [(&m.down, lr), (&m.up, lr)]).collect();
+    let grads: Vec<Option<Tensor>> = params.iter().map(|(p, _)| store.get(p.as_tensor()).cloned()).collect();
+    let (mut worst, mut missing) = (0f32, 0);
+    for (g, name) in grads.iter().zip(&names) {
+        let want = &io[&format!("grad.{name}")];
+        match g {
+            Some(g) => worst = worst.max(common::max_abs(g, want)),
+            // Only the first encoder's last layer is out of reach (PyTorch: no grad, stored as 0).
+            None => {
+                assert!(name.starts_with("lora_te1_text_model_encoder_layers_1_"), "{name}");
+                assert_eq!(common::max_abs(want, &want.zeros_like().unwrap()), 0.0, "{name}");
+                missing += 1;
+            }
+        }
+    }
+    println!("gradients ({} tensors, {missing} without gradient): max abs error {worst:e}", grads.len());
+    assert!(worst <= 1e-4);
+    assert_eq!(missing, 12);
+
+    let mut present: Vec<Tensor> = grads.iter().flatten().cloned().collect();
+    let norm = clip_grad_norm(&mut present, f64::from(scalar(&io["max_norm"]))).unwrap();
+    assert!((norm as f32 - scalar(&io["grad_norm"])).abs() <= 1e-5, "{norm}");
+    let mut clipped = present.iter();
+    let grads: Vec<Option<&Tensor>> = grads.iter().map(|g| g.as_ref().and_then(|_| clipped.next())).collect();
+    let vars: Vec<&Var> = params.iter().map(|(p, _)| *p).collect();
+    AdamW::new(config.adam, &vars).unwrap().step_partial(&params, &grads).unwrap();
+    let mut worst = 0f32;
+    for ((p, _), name) in params.iter().zip(&names) {
+        worst = worst.max(common::max_abs(p.as_tensor(), &io[&format!("after.{name}")]));
+    }
+    println!("AdamW-updated weights: max abs error {worst:e}");
+    assert!(worst <= 1e-4);
+}
+
+#[test]
+fn sdxl_training_writes_kohya_checkpoints_with_both_text_encoders() {
+    let dir = common::temp_dir("train_sdxl");
+    let (mut unet, mut te1, mut te2) = sdxl_models();
+    let vae = vae();
+    let config = TrainConfig {
+        rank: 4,
+        network_alpha: 2.0,
+        resolution: 8,
+        max_train_steps: Some(3),
+        checkpointing_steps: 2,
+        train_text_encoder: true,
+        seed: 11,
+        ..TrainConfig::sdxl()
+    };
+    let models = SdxlTrainModels {
+        unet: &mut unet,
+        text_encoder: &mut te1,
+        text_encoder_2: &mut te2,
+        vae: &vae,
+        pad_token_id_2: 0,
+    };
+    let trained = train_sdxl(models, &images(3), &config, &dir, Callbacks::default()).unwrap();
+    assert!(trained.last_loss.is_finite());
+    assert_eq!(trained.checkpoints.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [2, 3]);
+    let lora = weights(&trained.last_checkpoint);
+    assert_eq!(lora.metadata().get("ss_base_model_version").map(String::as_str), Some("sdxl_base_v1-0"));
+    let count = |prefix: &str| lora.modules().filter(|(name, _)| name.starts_with(prefix)).count();
+    assert_eq!((count("lora_unet_"), count("lora_te1_"), count("lora_te2_")), (88, 12, 12));
+    // Every trained module moved its zero-initialised up, except the first encoder's last layer,
+    // which the penultimate-layer conditioning does not reach, and the second encoder's last
+    // `q_proj` / `k_proj`: these captions have no end-of-text token, so the pooled output is
+    // token 0's, whose causal softmax has a single key (no gradient to queries or keys).
+    for (name, m) in lora.modules() {
+        let moved = common::max_abs(&m.up, &m.up.zeros_like().unwrap()) > 0.0;
+        let unreachable = name.starts_with("lora_te1_text_model_encoder_layers_1_")
+            || name == "lora_te2_text_model_encoder_layers_1_self_attn_q_proj"
+            || name == "lora_te2_text_model_encoder_layers_1_self_attn_k_proj";
+        assert_eq!(moved, !unreachable, "{name}");
+    }
+
+    // Our outputs with the written file merged, for the one-off check in diffusers
+    // (`tools/reference/lora_check_written.py`).
+    let io = tensors("apply/io.safetensors");
+    let mut targets = Targets { unet: Some(&mut unet), text_encoder: Some(&mut te1), text_encoder_2: Some(&mut te2) };
+    let (_, reports) = merge(&mut targets, &[(&lora, 1.0)]).unwrap();
+    assert_eq!(reports[0].applied, 112);
+    let cond = UNetConditioning {
+        text_embeds: Some(&io["text_embeds"]),
+        time_ids: Some(&io["time_ids"]),
+        ..Default::default()
+    };
+    let u = unet.forward(&io["sample"], &io["timestep"], &io["sdxl_encoder_hidden_states"], &cond).unwrap();
+    let ids = io["input_ids"].to_dtype(DType::U32).unwrap();
+    let t1 = te1.forward(&ids).unwrap().last_hidden_state;
+    let o2 = te2.forward(&ids).unwrap();
+    let written = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("lora_written");
+    std::fs::create_dir_all(&written).unwrap();
+    std::fs::copy(&trained.last_checkpoint, written.join("sdxl_trained_kohya.safetensors")).unwrap();
+    let map = std::collections::HashMap::from([
+        ("unet".to_string(), u),
+        ("te1".to_string(), t1),
+        ("te2".to_string(), o2.last_hidden_state),
+        ("te2_embeds".to_string(), o2.text_embeds),
+    ]);
+    candle_core::safetensors::save(&map, written.join("sdxl_trained_kohya_outputs.safetensors")).unwrap();
 }
