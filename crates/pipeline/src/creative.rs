@@ -13,7 +13,7 @@
 //!
 //! The LoRA is the user's final LoRA (`<root>/users/<id>/…/<id>.safetensors`) or a file named
 //! by the caller; a LoRA for another family (a SD1.5 face LoRA given to SDXL) is refused with
-//! [`LoraError::WrongBase`](easyphoto_lora::LoraError::WrongBase) before sampling.
+//! [`LoraError::WrongBase`] before sampling.
 //!
 //! Results are written atomically as `<output>/<id>-<seed>.png`, with `<id>-<seed>.json`
 //! holding the prompt, the seed and the display score (EasyPhoto's `display_score`: the
