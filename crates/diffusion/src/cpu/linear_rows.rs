@@ -4,9 +4,10 @@
 //! The product is computed transposed, `yᵀ = W xᵀ`: a register tile is [`MR`] output features
 //! (scalars of `W`'s rows, read in place, broadcast) × [`NR`] rows of `x` (two vectors of the
 //! packed `xᵀ`), so the weights need no packing and no copy: each is read once per call, and
-//! only the small `xᵀ` is repacked. Bias, activation and residual are applied to the tile before
-//! it is written back, transposed. Work is split across threads by output features; several
-//! weight matrices sharing the input (q/k/v) run as one pass ([`Segment`]).
+//! only the small `xᵀ` is repacked. The bias starts the accumulators; activation and residual
+//! are applied to the tile as it is written back, transposed. Work is split across threads by
+//! output features; several weight matrices sharing the input (q/k/v) run as one pass
+//! ([`Segment`]).
 
 use rayon::prelude::*;
 
@@ -86,10 +87,13 @@ pub fn linear_rows(
             let seg = &segments[s];
             let w = &seg.weight[n0 * k..(n0 + nr) * k];
             for t in 0..rows.div_ceil(NR) {
+                let bias = &seg.bias[n0..n0 + nr];
                 // SAFETY: AVX-512 checked above; `w` holds nr rows of k, the panel NR·k floats.
-                unsafe { tile_product(w, nr, k, &xt[t * NR * k..(t + 1) * NR * k], &mut tile) };
+                unsafe { tile_product(w, bias, k, &xt[t * NR * k..(t + 1) * NR * k], &mut tile) };
                 let (r0, nrows) = (t * NR, NR.min(rows - t * NR));
-                finish(&mut tile[..nr * NR], &seg.bias[n0..n0 + nr], act);
+                if act != Act::None {
+                    activate(&mut tile[..nr * NR], act);
+                }
                 for i in 0..nrows {
                     let at = (r0 + i) * out_cols + seg.column + n0;
                     // SAFETY: units are disjoint column ranges of `out`, which holds
@@ -125,31 +129,27 @@ fn pack_transposed(x: &[f32], rows: usize, k: usize) -> Vec<f32> {
 }
 
 multiversion! {
-    /// Adds the bias (one per tile row, i.e. output feature) and applies the activation.
-    fn finish(tile: &mut [f32], bias: &[f32], act: Act) {
-        for (row, &b) in tile.chunks_exact_mut(NR).zip(bias) {
-            match act {
-                Act::None => row.iter_mut().for_each(|v| *v += b),
-                Act::QuickGelu => row.iter_mut().for_each(|v| {
-                    let x = *v + b;
-                    *v = x / (1.0 + exp(-1.702 * x));
-                }),
-                Act::Gelu => row.iter_mut().for_each(|v| *v = gelu_erf(*v + b)),
-            }
+    /// Applies the activation to a tile.
+    fn activate(tile: &mut [f32], act: Act) {
+        match act {
+            Act::None => {}
+            Act::QuickGelu => tile.iter_mut().for_each(|v| *v /= 1.0 + exp(-1.702 * *v)),
+            Act::Gelu => tile.iter_mut().for_each(|v| *v = gelu_erf(*v)),
         }
     }
 }
 
-/// `tile[j·NR + i] = Σ_k w[j, k] · panel[k, i]` for `j < nr` (≤ [`MR`]).
+/// `tile[j·NR + i] = bias[j] + Σ_k w[j, k] · panel[k, i]` for `j < nr = bias.len()` (≤ [`MR`]).
 ///
 /// # Safety
 /// The CPU must have AVX-512F; `w` holds `nr · k` floats, `panel` `k · NR`.
-unsafe fn tile_product(w: &[f32], nr: usize, k: usize, panel: &[f32], tile: &mut [f32; MR * NR]) {
+unsafe fn tile_product(w: &[f32], bias: &[f32], k: usize, panel: &[f32], tile: &mut [f32; MR * NR]) {
+    let nr = bias.len();
     debug_assert!(w.len() == nr * k && panel.len() == k * NR);
     macro_rules! dispatch {
         ($($n:literal)*) => {
             match nr {
-                $($n => unsafe { tile_avx512::<$n>(w.as_ptr(), k, panel.as_ptr(), tile.as_mut_ptr()) },)*
+                $($n => unsafe { tile_avx512::<$n>(w.as_ptr(), bias.as_ptr(), k, panel.as_ptr(), tile.as_mut_ptr()) },)*
                 _ => unreachable!("tile of {nr} features"),
             }
         };
@@ -159,11 +159,11 @@ unsafe fn tile_product(w: &[f32], nr: usize, k: usize, panel: &[f32], tile: &mut
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn tile_avx512<const R: usize>(w: *const f32, k: usize, panel: *const f32, tile: *mut f32) {
+unsafe fn tile_avx512<const R: usize>(w: *const f32, bias: *const f32, k: usize, panel: *const f32, tile: *mut f32) {
     use std::arch::x86_64::*;
-    let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    // SAFETY (whole body): the caller's sizes bound every offset.
+    let mut acc: [[__m512; 2]; R] = std::array::from_fn(|r| [_mm512_set1_ps(unsafe { *bias.add(r) }); 2]);
     for kk in 0..k {
-        // SAFETY (whole body): the caller's sizes bound every offset.
         let (b0, b1) = unsafe { (_mm512_loadu_ps(panel.add(kk * NR)), _mm512_loadu_ps(panel.add(kk * NR + 16))) };
         for (r, acc) in acc.iter_mut().enumerate() {
             let a = _mm512_set1_ps(unsafe { *w.add(r * k + kk) });
@@ -180,7 +180,7 @@ unsafe fn tile_avx512<const R: usize>(w: *const f32, k: usize, panel: *const f32
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn tile_avx512<const R: usize>(_: *const f32, _: usize, _: *const f32, _: *mut f32) {
+unsafe fn tile_avx512<const R: usize>(_: *const f32, _: *const f32, _: usize, _: *const f32, _: *mut f32) {
     unreachable!("linear_rows needs AVX-512")
 }
 
@@ -216,10 +216,8 @@ mod tests {
             let expected = (Tensor::cat(&[y1, y2], 1)? + &residual)?.flatten_all()?.to_vec1::<f32>()?;
             let vec = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
             let (xv, w1v, b1v, w2v, b2v) = (vec(&x)?, vec(&w1)?, vec(&b1)?, vec(&w2)?, vec(&b2)?);
-            let segments = [
-                Segment { weight: &w1v, bias: &b1v, column: 0 },
-                Segment { weight: &w2v, bias: &b2v, column: n },
-            ];
+            let segments =
+                [Segment { weight: &w1v, bias: &b1v, column: 0 }, Segment { weight: &w2v, bias: &b2v, column: n }];
             let mut out = vec![f32::NAN; rows * (n + 7)];
             linear_rows(&xv, k, &segments, act, Some(&vec(&residual)?), &mut out, n + 7);
             let err = max_abs(&out, &expected);

@@ -12,6 +12,11 @@ use super::{f32_data, inference, profile};
 
 pub use super::linear_rows::Act;
 
+thread_local! {
+    /// The intermediate buffers of [`encoder_layer`] on this thread.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// The parameters of one layer (transformers' `CLIPEncoderLayer` names).
 #[derive(Debug, Clone, Copy)]
 pub struct LayerWeights<'a> {
@@ -91,12 +96,18 @@ pub fn encoder_layer(x: &Tensor, w: &LayerWeights<'_>) -> Result<Option<Tensor>>
         unreachable!("17 tensors")
     };
     let (rows, eps) = (b * n, w.eps as f32);
-    let mut h = vec![0f32; rows * c];
+    // The intermediate buffers are kept from call to call (fresh large allocations are fresh
+    // pages, whose faults cost about as much as the layer norms and the attention together).
+    let mut scratch = SCRATCH.with_borrow_mut(std::mem::take);
+    scratch.resize(scratch.len().max(rows * (5 * c + inter)), 0.0);
+    let (h, rest) = scratch.split_at_mut(rows * c);
+    let (qkv, rest) = rest.split_at_mut(rows * 3 * c);
+    let (x1, rest) = rest.split_at_mut(rows * c);
+    let m = &mut rest[..rows * inter];
     {
         let _p = profile::scope("text: layer_norm");
-        layer_norm(x, ln1w, ln1b, eps, &mut h);
+        layer_norm(x, ln1w, ln1b, eps, h);
     }
-    let mut qkv = vec![0f32; rows * 3 * c];
     {
         let _p = profile::scope_flops("text: q/k/v", 2.0 * (rows * c * 3 * c) as f64);
         let segments = [
@@ -104,30 +115,29 @@ pub fn encoder_layer(x: &Tensor, w: &LayerWeights<'_>) -> Result<Option<Tensor>>
             Segment { weight: kw, bias: kb, column: c },
             Segment { weight: vw, bias: vb, column: 2 * c },
         ];
-        linear_rows(&h, c, &segments, Act::None, None, &mut qkv, 3 * c);
+        linear_rows(h, c, &segments, Act::None, None, qkv, 3 * c);
     }
     {
         let _p = profile::scope_flops("text: causal attention", 2.0 * (b * n * n * c) as f64);
-        causal_attention(&qkv, (b, n, c), w.heads, &mut h);
+        causal_attention(qkv, (b, n, c), w.heads, h);
     }
-    let mut x1 = vec![0f32; rows * c];
     {
         let _p = profile::scope_flops("text: out_proj + residual", 2.0 * (rows * c * c) as f64);
-        linear_rows(&h, c, &[Segment { weight: ow, bias: ob, column: 0 }], Act::None, Some(x), &mut x1, c);
+        linear_rows(h, c, &[Segment { weight: ow, bias: ob, column: 0 }], Act::None, Some(x), x1, c);
     }
     {
         let _p = profile::scope("text: layer_norm");
-        layer_norm(&x1, ln2w, ln2b, eps, &mut h);
+        layer_norm(x1, ln2w, ln2b, eps, h);
     }
-    let mut m = vec![0f32; rows * inter];
     {
         let _p = profile::scope_flops("text: fc1 + act", 2.0 * (rows * c * inter) as f64);
-        linear_rows(&h, c, &[Segment { weight: f1w, bias: f1b, column: 0 }], w.act, None, &mut m, inter);
+        linear_rows(h, c, &[Segment { weight: f1w, bias: f1b, column: 0 }], w.act, None, m, inter);
     }
     let mut y = vec![0f32; rows * c];
     {
         let _p = profile::scope_flops("text: fc2 + residual", 2.0 * (rows * c * inter) as f64);
-        linear_rows(&m, inter, &[Segment { weight: f2w, bias: f2b, column: 0 }], Act::None, Some(&x1), &mut y, c);
+        linear_rows(m, inter, &[Segment { weight: f2w, bias: f2b, column: 0 }], Act::None, Some(x1), &mut y, c);
     }
+    SCRATCH.set(scratch);
     Ok(Some(Tensor::from_vec(y, (b, n, c), &candle_core::Device::Cpu)?))
 }
