@@ -228,7 +228,11 @@ fn fetch(
                 let locked = if !was_locked && lock.get(&m.name).is_some() { "; recorded in models.lock" } else { "" };
                 print(out, format_args!("{}: downloaded {size} bytes, sha256 {sha}{locked}", m.name))?
             }
-            Ok(fetched) => print(out, format_args!("{}: present ({} bytes)", m.name, fetched.size))?,
+            Ok(fetched) => {
+                let unpinned = m.sha256 == Checksum::Unknown && lock.get(&m.name).is_none();
+                let note = if unpinned { "; unpinned, not downloaded here: see `models verify`" } else { "" };
+                print(out, format_args!("{}: present ({} bytes{note})", m.name, fetched.size))?
+            }
             Err(e @ PipelineError::Cancelled { .. }) => return Err(e),
             Err(e) => {
                 print(out, format_args!("{}: FAILED: {e}", m.name))?;

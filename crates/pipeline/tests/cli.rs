@@ -331,6 +331,9 @@ fn models_list_fetch_and_verify_through_the_binary() {
     write_atomic(&s.path("models/training_templates/4.jpg"), &bytes(150_000, 12)).unwrap();
     let (ok, out, _) = binary(&s, &["models", "verify", "template-4"]);
     assert!(ok && out.contains("template-4: UNPINNED: 150000 bytes, sha256"), "{out}");
+    let (ok, out, _) = binary(&s, &["--endpoint", &server.base, "models", "fetch", "template-4", "template-1"]);
+    assert!(ok && out.contains("template-4: present (150000 bytes; unpinned, not downloaded here"), "{out}");
+    assert!(out.contains("template-1: present (90000 bytes)\n"), "{out}");
     write_atomic(&s.path("models/training_templates/4.jpg"), b"<html>").unwrap();
     let (ok, out, _) = binary(&s, &["models", "verify", "template-4"]);
     assert!(!ok && out.contains("template-4: IMPLAUSIBLE SIZE: 6 bytes, the file is about 199 kB"), "{out}");
