@@ -5,9 +5,11 @@
 //! peak resident memory after loading and of each step of the flow, and one JSON line.
 //!
 //! ```sh
-//! cargo run --release -p easyphoto-pipeline --example bench_infer_sd15 -- f32
+//! RAYON_NUM_THREADS=2 cargo run --release -p easyphoto-pipeline --example bench_infer_sd15 -- f32
+//! RAYON_NUM_THREADS=2 cargo run --release -p easyphoto-pipeline --example bench_infer_sd15 -- f16
 //! ```
-//! (`f16` / `bf16` store the weights in that type; needs `ORT_DYLIB_PATH`, see tools/test.sh).
+//! `f16` / `bf16` keep every linear and convolution weight in that type and compute in f32
+//! (`easyphoto_diffusion::cpu::set_weight_dtype`). Needs `ORT_DYLIB_PATH` (see tools/test.sh).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -44,12 +46,14 @@ fn reset_peak() -> bool {
 }
 
 fn main() -> anyhow::Result<()> {
-    let dtype = match std::env::args().nth(1).as_deref() {
+    let weights = match std::env::args().nth(1).as_deref() {
         None | Some("f32") => DType::F32,
         Some("f16") => DType::F16,
         Some("bf16") => DType::BF16,
         Some(other) => anyhow::bail!("unknown weight type {other} (f32, f16, bf16)"),
     };
+    easyphoto_diffusion::cpu::set_weight_dtype(Some(weights));
+    let dtype = DType::F32;
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let configs = root.join("tools/bench/configs");
     let assets = root.join("crates/face/tests/assets");
@@ -137,7 +141,7 @@ fn main() -> anyhow::Result<()> {
     }
     let t = result.times;
     println!(
-        "full-size SD1.5 infer flow, {dtype:?} weights, {threads} threads: weights built in {load_s:.1} s, peak {loaded_mib:.0} MiB after loading"
+        "full-size SD1.5 infer flow, {weights:?} weights (f32 compute), {threads} threads: weights built in {load_s:.1} s, peak {loaded_mib:.0} MiB after loading"
     );
     println!(
         "one template ({}x{}), 2 + 2 sampler steps: wall {wall:.1} s | face {:.1} | preprocessors {:.1} | diffusion {:.1} | post {:.1} s",
@@ -155,7 +159,7 @@ fn main() -> anyhow::Result<()> {
     }
     let overall = peaks.iter().map(|p| p.1).fold(loaded_mib, f64::max);
     println!(
-        "{{\"impl\": \"easyphoto-rs\", \"dtype\": \"{dtype:?}\", \"threads\": {threads}, \"peak_rss_mib\": {overall:.0}, \"loaded_rss_mib\": {loaded_mib:.0}, \"wall_s\": {wall:.1}, \"diffusion_s\": {:.1}}}",
+        "{{\"impl\": \"easyphoto-rs\", \"weights\": \"{weights:?}\", \"threads\": {threads}, \"peak_rss_mib\": {overall:.0}, \"loaded_rss_mib\": {loaded_mib:.0}, \"wall_s\": {wall:.1}, \"diffusion_s\": {:.1}}}",
         t.diffusion.as_secs_f64()
     );
     Ok(())
