@@ -15,6 +15,10 @@ use crate::{FaceError, Input, OnnxModel, to_nchw_signed};
 
 const SIZE: u32 = 128;
 
+/// MediaPipe's `face_detection_short_range.onnx` (Apache-2.0; provenance in
+/// `tests/assets/LICENSES.md`).
+static SHORT_RANGE: &[u8] = include_bytes!("../tests/assets/face_detection_short_range.onnx");
+
 /// One BlazeFace detection, in image pixels.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BlazeDetection {
@@ -41,6 +45,12 @@ impl BlazeFace {
     /// outputs `regressors` [1, 896, 16] and `classificators` [1, 896, 1]).
     pub fn load(path: impl AsRef<Path>, threads: usize) -> Result<Self, FaceError> {
         Ok(Self { model: OnnxModel::load(path, threads)?, anchors: anchors(), min_score: 0.5 })
+    }
+
+    /// The embedded `face_detection_short_range.onnx` (no download).
+    pub fn embedded(threads: usize) -> Result<Self, FaceError> {
+        let model = OnnxModel::from_memory(SHORT_RANGE, "face_detection_short_range.onnx", threads)?;
+        Ok(Self { model, anchors: anchors(), min_score: 0.5 })
     }
 
     /// All faces, by decreasing score.

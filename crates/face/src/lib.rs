@@ -6,7 +6,9 @@
 //!   conversion to NCHW tensors.
 //! * [`align`]: five-point similarity alignment (Umeyama) and `cv2.warpAffine`-exact resampling.
 //! * [`detector`]: [`Face`], and the [`FaceDetector`] and [`FaceEmbedder`] traits.
-//! * [`mtcnn`]: the built-in MTCNN detector (embedded weights, no download).
+//! * [`mtcnn`]: the built-in MTCNN detector (embedded weights, no download), bit-exact with the
+//!   reference pipeline.
+//! * [`verified`]: the default detector, MTCNN proposals confirmed by BlazeFace (both embedded).
 //! * [`scrfd`], [`arcface`]: insightface's detector and recogniser ONNX models (user-supplied).
 //! * [`faceres`]: a real 1024-d identity embedder (Human's faceres ONNX, user-supplied path).
 //! * [`segment`]: the [`Segmenter`] trait, U²-Net (rembg's processing) and the embedded selfie model.
@@ -41,6 +43,7 @@ pub mod resample;
 pub mod runtime;
 pub mod scrfd;
 pub mod segment;
+pub mod verified;
 
 pub use align::{ARCFACE_TEMPLATE, Affine, Similarity, estimate_norm, norm_crop, warp_affine};
 pub use arcface::{ArcFace, ArcFaceConfig};
@@ -54,3 +57,4 @@ pub use preprocess::{DecodeLimits, decode_rgb, load_rgb, load_rgb_with, to_nchw_
 pub use runtime::{Input, OnnxModel, environment};
 pub use scrfd::{Scrfd, ScrfdConfig};
 pub use segment::{HumanSelfie, Segmenter, U2Net};
+pub use verified::VerifiedMtcnn;
