@@ -165,18 +165,13 @@ pub fn load_sdxl(path: &Path, dtype: DType, device: &Device) -> Result<StableDif
         });
     }
     let sd = StableDiffusion::load(path, 1, dtype, device)?;
-    check_sdxl(&sd, path)?;
-    Ok(sd)
-}
-
-fn check_sdxl(sd: &StableDiffusion, path: &Path) -> Result<()> {
     if sd.family != ModelFamily::Sdxl {
         return Err(PipelineError::InvalidInput {
             path: path.to_path_buf(),
             reason: format!("a {:?} checkpoint; the creative path samples SDXL", sd.family),
         });
     }
-    Ok(())
+    Ok(sd)
 }
 
 /// Refuses a LoRA built for another family than SDXL: what [`lora_family`] reads (shapes,
@@ -240,7 +235,12 @@ pub fn create(
             return Err(PipelineError::UserNotReady { id: id.to_string(), missing: path.clone() });
         }
     }
-    check_sdxl(&components.sd, Path::new("(creative model)"))?;
+    if components.sd.family != ModelFamily::Sdxl {
+        return Err(PipelineError::InvalidParameter {
+            field: "sd_model_checkpoint".into(),
+            reason: format!("the creative path samples SDXL, the model given is {:?}", components.sd.family),
+        });
+    }
     let user_lora = load_lora(&lora_path, components.sd.unet.device())?;
     check_sdxl_lora(&user_lora)?;
     let reference = easyphoto_face::load_rgb(&reference_path)?;

@@ -293,6 +293,14 @@ fn sd15_loras_and_models_are_refused_with_typed_errors() {
         }
         other => panic!("{:?}", other.map(|_| ())),
     }
+    // Or given directly as the creative model.
+    comps.sd = easyphoto_diffusion::StableDiffusion::load(&sd15, 1, DType::F32, &Device::Cpu).unwrap();
+    match create(&store, &sdxl_user, None, &mut comps, &config(), &out_dir, &Silent, &CancelToken::new()) {
+        Err(PipelineError::InvalidParameter { field, reason }) => {
+            assert!(field == "sd_model_checkpoint" && reason.contains("Sd1"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]
