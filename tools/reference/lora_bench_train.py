@@ -1,7 +1,8 @@
 """PyTorch + peft side of `cargo bench -p easyphoto-lora --bench train_step`: one LoRA training
 step (forward + backward + clip_grad_norm_ + AdamW) at batch 1 on the mid-size UNet of
 crates/lora/benches/mid_unet.json, EasyPhoto's rank 128 / alpha 64 on every Linear/Conv2d of the
-transformer blocks, random weights, float32; one warm-up step, median of the timed steps, peak RSS.
+transformer blocks, random weights, float32; one warm-up step, median of the timed steps (wall and
+CPU time), peak RSS.
 
   OMP_NUM_THREADS=2 .venv-ref/bin/python tools/reference/lora_bench_train.py --threads 2 --runs 5
 """
@@ -55,17 +56,19 @@ def main() -> None:
         opt.step()
 
     step()
-    times = []
+    times, cpu = [], []
     for _ in range(args.runs):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - cpu_start)
     print(json.dumps({
         "bench": "lora_train_step_mid_unet_b1",
         "impl": f"torch {torch.__version__} + peft",
         "modules": len(targets),
         "threads": torch.get_num_threads(),
         "median_s": round(statistics.median(times), 3),
+        "cpu_median_s": round(statistics.median(cpu), 2),
         "times_s": [round(x, 3) for x in times],
         "peak_rss_mib": round(peak_rss_mib()),
         "weights_mib": round(weights),

@@ -1,7 +1,7 @@
 //! One LoRA training step (forward + backward + grad clipping + AdamW) at batch 1 on a mid-size
 //! UNet (`benches/mid_unet.json`: blocks 128/256/256, cross dim 768, 32×32 latents, 77 text
 //! tokens) with EasyPhoto's rank-128 / alpha-64 LoRA on the transformer blocks, random weights,
-//! f32. Prints one JSON line: median step time and peak RSS. The PyTorch + peft side is
+//! f32. Prints one JSON line: median step time (wall and CPU) and peak RSS. The PyTorch + peft side is
 //! `tools/reference/lora_bench_train.py` (same config, shapes and reporting).
 //!
 //! `RAYON_NUM_THREADS=2 cargo bench -p easyphoto-lora --bench train_step`   (env: RUNS=5)
@@ -48,21 +48,35 @@ fn main() {
         optimizer.step(&params, &grads).unwrap();
     };
     step();
-    let mut times = vec![];
+    let (mut times, mut cpu) = (vec![], vec![]);
     for _ in 0..runs {
-        let start = Instant::now();
+        let (start, cpu_start) = (Instant::now(), cpu_seconds());
         step();
         times.push(start.elapsed().as_secs_f64());
+        cpu.push(cpu_seconds() - cpu_start);
     }
     times.sort_by(f64::total_cmp);
+    cpu.sort_by(f64::total_cmp);
     println!(
-        "{{\"bench\": \"lora_train_step_mid_unet_b1\", \"impl\": \"easyphoto-rs\", \"modules\": {}, \"median_s\": {:.3}, \"times_s\": {:?}, \"peak_rss_mib\": {}, \"weights_mib\": {}}}",
+        "{{\"bench\": \"lora_train_step_mid_unet_b1\", \"impl\": \"easyphoto-rs\", \"modules\": {}, \"median_s\": {:.3}, \"cpu_median_s\": {:.2}, \"times_s\": {:?}, \"peak_rss_mib\": {}, \"weights_mib\": {}}}",
         network.modules().len(),
         times[times.len() / 2],
+        cpu[cpu.len() / 2],
         times.iter().map(|t| (t * 1000.0).round() / 1000.0).collect::<Vec<_>>(),
         peak_rss_mib(),
         weights_mib
     );
+}
+
+/// CPU time (user + system, all threads) of this process so far, in seconds (10 ms ticks); less
+/// sensitive to other processes' load than the wall time.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// Peak resident memory of this process (`VmHWM`), in MiB.
