@@ -1,6 +1,8 @@
 //! GEGLU: `h[…, :I] · gelu(h[…, I:])` of the `2I`-wide projection, in one pass (candle's
 //! composition makes two strided views, a gelu tensor and a product tensor).
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -37,25 +39,31 @@ impl CustomOp1 for GegluOp {
         *last /= 2;
         let half = *last;
         let h = f32_data(s, l)?;
-        let mut out = vec![0f32; h.len() / 2];
+        let len = h.len() / 2;
+        let mut out = Vec::with_capacity(len);
         // About 64 KiB of output per task.
         if let Some(rows) = 16384usize.checked_div(half) {
             let rows = rows.max(1);
-            out.par_chunks_mut(rows * half).zip(h.par_chunks(rows * 2 * half)).for_each(|(dst, src)| {
-                for (d, s) in dst.chunks_exact_mut(half).zip(src.chunks_exact(2 * half)) {
-                    row(d, s);
-                }
-            });
+            out.spare_capacity_mut()[..len].par_chunks_mut(rows * half).zip(h.par_chunks(rows * 2 * half)).for_each(
+                |(dst, src)| {
+                    for (d, s) in dst.chunks_exact_mut(half).zip(src.chunks_exact(2 * half)) {
+                        row(d, s);
+                    }
+                },
+            );
         }
+        // SAFETY: every output row was written from its input row (`h` holds `len / half` rows
+        // of `2 · half` values); with `half == 0` the output is empty.
+        unsafe { out.set_len(len) };
         Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 }
 
 multiversion! {
-    fn row(dst: &mut [f32], src: &[f32]) {
+    fn row(dst: &mut [MaybeUninit<f32>], src: &[f32]) {
         let (x, gate) = src.split_at(dst.len());
         for ((d, &x), &g) in dst.iter_mut().zip(x).zip(gate) {
-            *d = x * gelu_erf(g);
+            d.write(x * gelu_erf(g));
         }
     }
 }
@@ -116,7 +124,7 @@ impl candle_core::CustomOp3 for LinearGegluOp {
         let half = out2 / 2;
         let (x, w, b) = (f32_data(xs, xl)?, super::Weights::of(ws, wl)?, f32_data(bs, bl)?);
         let rows = x.len() / inp.max(1);
-        let mut y = vec![0f32; rows * half];
+        let mut y = Vec::<f32>::with_capacity(rows * half);
         let (rr, cc) = (ROWS, COLS);
         let (bands, chunks) = (rows.div_ceil(rr), half.div_ceil(cc));
         let y_ptr = super::SendPtr(y.as_mut_ptr());
@@ -139,11 +147,14 @@ impl candle_core::CustomOp3 for LinearGegluOp {
                 }
                 for (r, h) in buf.chunks_exact(2 * nj).enumerate() {
                     // SAFETY: row r0 + r, columns j0..j1 of the output belong to this task.
-                    let dst = unsafe { std::slice::from_raw_parts_mut(y_ptr.get().add((r0 + r) * half + j0), nj) };
+                    let dst =
+                        unsafe { std::slice::from_raw_parts_mut(y_ptr.get().add((r0 + r) * half + j0).cast(), nj) };
                     row_biased(dst, h, &b[j0..j1], &b[half + j0..half + j1]);
                 }
             });
         });
+        // SAFETY: the tasks cover every row and column of y.
+        unsafe { y.set_len(rows * half) };
         let mut dims = xl.dims().to_vec();
         *dims.last_mut().unwrap_or(&mut 0) = half;
         Ok((CpuStorage::F32(y), Shape::from(dims)))
@@ -152,10 +163,10 @@ impl candle_core::CustomOp3 for LinearGegluOp {
 
 multiversion! {
     /// `dst = (h[..n] + bv) · gelu(h[n..] + bg)`.
-    fn row_biased(dst: &mut [f32], h: &[f32], bv: &[f32], bg: &[f32]) {
+    fn row_biased(dst: &mut [MaybeUninit<f32>], h: &[f32], bv: &[f32], bg: &[f32]) {
         let (x, gate) = h.split_at(dst.len());
         for ((((d, &x), &g), &bv), &bg) in dst.iter_mut().zip(x).zip(gate).zip(bv).zip(bg) {
-            *d = (x + bv) * gelu_erf(g + bg);
+            d.write((x + bv) * gelu_erf(g + bg));
         }
     }
 }

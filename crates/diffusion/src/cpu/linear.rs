@@ -78,7 +78,7 @@ impl CustomOp3 for LinearOp {
         let (out, inp) = wl.shape().dims2()?;
         let (x, w, b) = (f32_data(xs, xl)?, Weights::of(ws, wl)?, f32_data(bs, bl)?);
         let rows = x.len() / inp.max(1);
-        let mut y = vec![0f32; rows * out];
+        let mut y = Vec::<f32>::with_capacity(rows * out);
         let (rb, cb) = grid(rows, out, threads());
         // Column chunks in multiples of 64: gemm's AVX-512 micro-kernel is 64 wide along them.
         let (band, chunk) = (rows.div_ceil(rb), out.div_ceil(cb).next_multiple_of(64).min(out));
@@ -93,13 +93,16 @@ impl CustomOp3 for LinearOp {
             // SAFETY: each task writes only its own rows r0.. and columns c0.. of y.
             let dst = unsafe { y_ptr.get().add(r0 * out + c0) };
             for r in 0..nr {
-                unsafe { std::slice::from_raw_parts_mut(dst.add(r * out), nc).copy_from_slice(&b[c0..c0 + nc]) };
+                unsafe { std::ptr::copy_nonoverlapping(b[c0..c0 + nc].as_ptr(), dst.add(r * out), nc) };
             }
             WBUF.with_borrow_mut(|buf| {
                 let (xa, wb) = (x[r0 * inp..].as_ptr(), w.slice(c0 * inp, nc * inp, buf).as_ptr());
                 unsafe { sgemm((nr, nc, inp), dst, out, true, (xa, inp, 1), (wb, 1, inp), 1) };
             });
         });
+        // SAFETY: the tasks cover every row and column of y, each writing the bias before adding
+        // the product to it.
+        unsafe { y.set_len(rows * out) };
         let mut dims = xl.dims().to_vec();
         *dims.last_mut().unwrap() = out;
         Ok((CpuStorage::F32(y), Shape::from(dims)))

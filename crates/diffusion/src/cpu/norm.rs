@@ -3,6 +3,8 @@
 //! `GroupNorm` takes about six passes (reshape, mean, subtract, square, mean, divide, then the
 //! affine and the activation as separate tensors).
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
@@ -91,13 +93,20 @@ impl CustomOp3 for GroupNormOp {
             candle_core::bail!("group norm: input {dims:?}, weight {:?}, {} groups", wl.dims(), self.groups)
         }
         let cg = c / self.groups;
-        let mut out = vec![0f32; x.len()];
-        if !out.is_empty() {
-            out.par_chunks_mut(cg * spatial).zip(x.par_chunks(cg * spatial)).enumerate().for_each(|(i, (dst, src))| {
-                let c0 = (i % self.groups) * cg;
-                group(src, dst, &w[c0..c0 + cg], &bias[c0..c0 + cg], spatial, self.eps as f32, self.silu);
-            });
+        let mut out = Vec::with_capacity(x.len());
+        if !x.is_empty() {
+            out.spare_capacity_mut()[..x.len()]
+                .par_chunks_mut(cg * spatial)
+                .zip(x.par_chunks(cg * spatial))
+                .enumerate()
+                .for_each(|(i, (dst, src))| {
+                    let c0 = (i % self.groups) * cg;
+                    group(src, dst, &w[c0..c0 + cg], &bias[c0..c0 + cg], spatial, self.eps as f32, self.silu);
+                });
         }
+        // SAFETY: `group` wrote all `cg · spatial` values of every chunk, and the chunks tile
+        // `x.len()` (`c` is a multiple of the group count).
+        unsafe { out.set_len(x.len()) };
         let _ = b;
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
@@ -105,7 +114,7 @@ impl CustomOp3 for GroupNormOp {
 
 multiversion! {
     /// Normalises one group (`w.len()` channels of `spatial` values each).
-    fn group(src: &[f32], dst: &mut [f32], w: &[f32], b: &[f32], spatial: usize, eps: f32, act: bool) {
+    fn group(src: &[f32], dst: &mut [MaybeUninit<f32>], w: &[f32], b: &[f32], spatial: usize, eps: f32, act: bool) {
         let (mean, var) = moments(src);
         let rstd = 1.0 / (var + eps).sqrt();
         for ((s, d), (&wc, &bc)) in src.chunks_exact(spatial).zip(dst.chunks_exact_mut(spatial)).zip(w.iter().zip(b)) {
@@ -113,11 +122,11 @@ multiversion! {
             let shift = bc - mean * scale;
             if act {
                 for (d, &v) in d.iter_mut().zip(s) {
-                    *d = silu(v * scale + shift);
+                    d.write(silu(v * scale + shift));
                 }
             } else {
                 for (d, &v) in d.iter_mut().zip(s) {
-                    *d = v * scale + shift;
+                    d.write(v * scale + shift);
                 }
             }
         }

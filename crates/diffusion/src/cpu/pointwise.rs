@@ -3,6 +3,8 @@
 //! The matrix product takes the transposed operand through its strides, so neither permuted copy
 //! (a single-threaded strided copy in candle) is made.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -91,7 +93,7 @@ impl CustomOp3 for Pointwise {
             candle_core::bail!("pointwise: input {:?} for {cin} channels and {pixels} pixels", xl.dims())
         }
         let (x, w, b) = (f32_data(xs, xl)?, Weights::of(ws, wl)?.to_f32(), f32_data(bs, bl)?);
-        let mut y = vec![0f32; bsz * pixels * cout];
+        let mut y = Vec::<f32>::with_capacity(bsz * pixels * cout);
         // Per image: to tokens, y [HW, C_out] = xᵀ [HW, C_in] · Wᵀ, bias per column;
         // from tokens, y [C_out, HW] = W · tᵀ [C_in, HW], bias per row.
         let (m, n) = if self.to_tokens { (pixels, cout) } else { (cout, pixels) };
@@ -110,11 +112,13 @@ impl CustomOp3 for Pointwise {
             // SAFETY: each task writes only rows r0.. and columns c0.. of its image's output.
             let dst = unsafe { y_ptr.get().add(img * m * n + r0 * n + c0) };
             for r in 0..nr {
-                let row = unsafe { std::slice::from_raw_parts_mut(dst.add(r * n), nc) };
+                let row = unsafe { std::slice::from_raw_parts_mut(dst.add(r * n).cast::<MaybeUninit<f32>>(), nc) };
                 if self.to_tokens {
-                    row.copy_from_slice(&b[c0..c0 + nc]);
+                    for (d, &v) in row.iter_mut().zip(&b[c0..c0 + nc]) {
+                        d.write(v);
+                    }
                 } else {
-                    row.fill(b[r0 + r]);
+                    row.fill(MaybeUninit::new(b[r0 + r]));
                 }
             }
             // SAFETY: the operands address this image's input and the weight.
@@ -128,6 +132,9 @@ impl CustomOp3 for Pointwise {
                 }
             }
         });
+        // SAFETY: the tasks cover every row and column of every image's output, each writing the
+        // bias before adding the product to it.
+        unsafe { y.set_len(bsz * pixels * cout) };
         let shape = if self.to_tokens {
             Shape::from((bsz, pixels, cout))
         } else {
