@@ -207,10 +207,27 @@ pub(crate) fn write_safetensors(
     tensors: Vec<(String, Tensor)>,
     metadata: &BTreeMap<String, String>,
 ) -> Result<(), LoraError> {
-    let metadata = (!metadata.is_empty()).then(|| metadata.clone().into_iter().collect());
-    let bytes = safetensors::serialize(tensors, metadata)
+    let hashed = (!metadata.is_empty()).then(|| metadata.clone().into_iter().collect());
+    let mut bytes = safetensors::serialize(tensors, hashed)
         .map_err(|err| LoraError::Write { file: path.to_path_buf(), source: std::io::Error::other(err.to_string()) })?;
+    sort_header_metadata(&mut bytes, metadata);
     write_atomically(path, &bytes)
+}
+
+/// The safetensors crate writes `__metadata__` from a `HashMap`, in an order that changes from
+/// process to process. Rewrites it in key order, so that equal LoRAs give equal bytes: the same
+/// entries serialise to the same length, so the header keeps its size and the data its offsets.
+fn sort_header_metadata(bytes: &mut [u8], metadata: &BTreeMap<String, String>) {
+    const KEY: &[u8] = br#"{"__metadata__":"#;
+    if metadata.is_empty() || bytes.len() < 8 + KEY.len() || &bytes[8..8 + KEY.len()] != KEY {
+        return;
+    }
+    let Ok(sorted) = serde_json::to_vec(metadata) else { return };
+    let start = 8 + KEY.len();
+    let end = start + sorted.len();
+    if bytes.len() > end && bytes[start] == b'{' && bytes[end - 1] == b'}' && matches!(bytes[end], b',' | b'}') {
+        bytes[start..end].copy_from_slice(&sorted);
+    }
 }
 
 /// Writes `bytes` to `<path>.tmp-<pid>`, syncs, and renames it to `path`.

@@ -296,6 +296,26 @@ fn written_kohya_and_peft_files_round_trip() {
 }
 
 #[test]
+fn equal_loras_are_written_as_equal_bytes() {
+    // The metadata is written in key order, whatever order a HashMap would give it.
+    let a = lora("sd15_kohya_a.safetensors");
+    let metadata = (0..40).map(|i| (format!("ss_key_{i:02}"), format!("value \"{i}\" é"))).collect();
+    let b = KohyaLora::new("b", a.modules().map(|(n, m)| (n.to_string(), m.clone())).collect(), metadata);
+    let dir = written_dir();
+    let paths: Vec<_> = (0..3).map(|i| dir.join(format!("sd15_deterministic_{i}.safetensors"))).collect();
+    for path in &paths {
+        b.save(path, DType::F16).unwrap();
+    }
+    let bytes: Vec<Vec<u8>> = paths.iter().map(|p| std::fs::read(p).unwrap()).collect();
+    assert!(bytes.iter().all(|b| *b == bytes[0]));
+    let back = load_lora(&paths[0], &Device::Cpu).unwrap();
+    assert_eq!(back.metadata(), b.metadata());
+    let header = String::from_utf8_lossy(&bytes[0][8..]);
+    let keys: Vec<usize> = (0..40).map(|i| header.find(&format!("\"ss_key_{i:02}\"")).unwrap()).collect();
+    assert!(keys.windows(2).all(|w| w[0] < w[1]), "metadata not in key order");
+}
+
+#[test]
 fn conv_1x1_pairs_fit_linear_layers_and_back() {
     // SD1 files store proj_in/proj_out as 1x1 conv pairs; SD2/SDXL models have Linear
     // projections (and the reverse happens): the pair is reshaped to the layer.

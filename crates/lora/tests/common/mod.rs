@@ -29,9 +29,10 @@ pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f32) -> f32 {
     err
 }
 
-/// A fresh temp dir under the cargo target dir.
+/// A fresh temp dir under the cargo target dir, private to this test process (two runs of the
+/// same test binary at once must not share one).
 pub fn temp_dir(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
