@@ -249,28 +249,40 @@ impl Merged {
 
 /// Merges `loras` (each with its multiplier) into the weights of `targets`:
 /// `W' = W + Σ multiplier · alpha/rank · up·down`, summed in f32 and stored in the weight's dtype.
+/// The merged weights are computed in parallel over modules before any layer changes.
 pub fn merge(targets: &mut Targets, loras: &[(&KohyaLora, f64)]) -> Result<(Merged, Vec<LoraReport>), LoraError> {
+    use rayon::prelude::*;
     let (plan, reports) = targets.plan(loras)?;
+    let mut weights = Vec::with_capacity(plan.len());
+    targets.visit(&mut |slot, layer| {
+        let key = (slot, layer.path().to_string());
+        if plan.contains_key(&key) {
+            weights.push((key, layer_weight(&layer).clone()));
+        }
+    });
+    // With enough modules, one single-threaded product per module beats splitting each product.
+    let per_module = weights.len() >= 4 * rayon::current_num_threads();
+    let sums = weights
+        .par_iter()
+        .map(|(key, weight)| Ok((key.clone(), merged_weight(weight, &plan[key], !per_module)?)))
+        .collect::<Result<BTreeMap<_, _>, LoraError>>()?;
+    drop(weights);
     let mut merged = Merged::default();
     let mut result = Ok(());
     targets.visit(&mut |slot, layer| {
         let key = (slot, layer.path().to_string());
-        let Some(parts) = plan.get(&key) else { return };
-        let step = || -> Result<(), LoraError> {
-            let weight = match &layer {
-                LayerMut::Linear(l) => l.weight().clone(),
-                LayerMut::Conv2d(c) => c.weight().clone(),
-            };
-            let sum = merged_weight(&weight, parts)?;
-            match layer {
-                LayerMut::Linear(l) => l.set_weight(sum)?,
-                LayerMut::Conv2d(c) => c.set_weight(sum)?,
-            }
-            merged.originals.insert(key.clone(), weight);
-            Ok(())
-        };
+        let Some(sum) = sums.get(&key) else { return };
+        if result.is_err() {
+            return;
+        }
+        let original = layer_weight(&layer).clone();
+        result = match layer {
+            LayerMut::Linear(l) => l.set_weight(sum.clone()),
+            LayerMut::Conv2d(c) => c.set_weight(sum.clone()),
+        }
+        .map_err(LoraError::from);
         if result.is_ok() {
-            result = step();
+            merged.originals.insert(key, original);
         }
     });
     match result {
@@ -282,9 +294,18 @@ pub fn merge(targets: &mut Targets, loras: &[(&KohyaLora, f64)]) -> Result<(Merg
     }
 }
 
+/// The weight of a Linear or Conv2d layer.
+fn layer_weight<'a>(layer: &'a LayerMut<'_>) -> &'a Tensor {
+    match layer {
+        LayerMut::Linear(l) => l.weight(),
+        LayerMut::Conv2d(c) => c.weight(),
+    }
+}
+
 /// `weight + Σ scale · up·down`, accumulated in f32 and returned in the weight's dtype. On the
-/// CPU the products are accumulated in place by one `gemm` call each (no delta is allocated).
-fn merged_weight(weight: &Tensor, parts: &[Part]) -> Result<Tensor, LoraError> {
+/// CPU the products are accumulated in place by one `gemm` call each (no delta is allocated),
+/// split over rayon's threads when `split` is set.
+fn merged_weight(weight: &Tensor, parts: &[Part], split: bool) -> Result<Tensor, LoraError> {
     if !weight.device().is_cpu() {
         let mut sum = weight.to_dtype(DType::F32)?;
         for p in parts {
@@ -324,7 +345,7 @@ fn merged_weight(weight: &Tensor, parts: &[Part]) -> Result<Tensor, LoraError> {
                 false,
                 false,
                 false,
-                gemm::Parallelism::Rayon(rayon::current_num_threads()),
+                if split { gemm::Parallelism::Rayon(rayon::current_num_threads()) } else { gemm::Parallelism::None },
             )
         };
     }
