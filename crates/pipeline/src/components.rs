@@ -15,7 +15,7 @@ use easyphoto_controlnet::preprocess::openpose::{BodyPoseModel, MoveNet, annotat
 use easyphoto_controlnet::preprocess::{Interpolation, resize};
 use easyphoto_controlnet::{ControlNetModel, load_controlnet};
 use easyphoto_diffusion::{StableDiffusion, load_vae};
-use easyphoto_face::{ArcFace, FaceDetector, FaceEmbedder, FaceMesh, FaceParser, FaceRes, Mtcnn, Scrfd};
+use easyphoto_face::{ArcFace, FaceDetector, FaceEmbedder, FaceMesh, FaceParser, FaceRes, Scrfd, VerifiedMtcnn};
 use easyphoto_lora::{KohyaLora, load_lora};
 use image::RgbImage;
 
@@ -53,7 +53,8 @@ pub struct ComponentPaths {
     pub color: PathBuf,
     pub tile: PathBuf,
     pub pose: PoseModelPath,
-    /// SCRFD ONNX model; `None` uses the built-in MTCNN.
+    /// SCRFD ONNX model; `None` uses the built-in detector (MTCNN proposals confirmed by
+    /// BlazeFace, `VerifiedMtcnn`).
     pub detector: Option<PathBuf>,
     pub embedder: EmbedderPath,
     /// The style LoRA EasyPhoto adds to every prompt (`FilmVelvia3`); `None` drops its tag.
@@ -163,7 +164,7 @@ impl Components {
         };
         let detector: Box<dyn FaceDetector + Send + Sync> = match &paths.detector {
             Some(p) => Box::new(Scrfd::load(p, threads)?),
-            None => Box::new(Mtcnn::new(threads)?),
+            None => Box::new(VerifiedMtcnn::new(threads)?),
         };
         let embedder: Box<dyn FaceEmbedder + Send + Sync> = match &paths.embedder {
             EmbedderPath::ArcFace(p) => Box::new(ArcFace::load(p, threads)?),

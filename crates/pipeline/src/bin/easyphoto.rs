@@ -6,6 +6,8 @@ use easyphoto_pipeline::progress::{CancelToken, ProgressBars};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // Freed model outputs stay in the heap for the next op (see the diffusion crate's cpu::alloc).
+    easyphoto_diffusion::cpu::keep_freed_memory();
     let bars = ProgressBars::new();
     match run(&cli, &mut std::io::stdout(), &bars, &CancelToken::new()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
