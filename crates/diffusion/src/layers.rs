@@ -249,6 +249,18 @@ impl candle_core::CustomOp1 for FrozenOp {
             Frozen::Linear => grad.broadcast_matmul(w)?,
             Frozen::Conv2d(cfg) => {
                 let (p, s, d) = (cfg.padding, cfg.stride, cfg.dilation);
+                let k = w.dim(2)?;
+                if s == 1 && d == 1 && k == w.dim(3)? && p < k {
+                    // Stride 1: the input gradient is the convolution of the output gradient
+                    // with the kernel flipped and its channel axes swapped, which the CPU
+                    // kernels run (candle's conv_transpose2d is far slower).
+                    let rev = Tensor::from_vec((0..k as u32).rev().collect::<Vec<_>>(), k, grad.device())?;
+                    let flipped = w.transpose(0, 1)?.contiguous()?.index_select(&rev, 2)?.index_select(&rev, 3)?;
+                    let cfg = candle_nn::Conv2dConfig { padding: k - 1 - p, ..cfg };
+                    if let Some(g) = crate::cpu::conv::conv2d(&grad.detach().contiguous()?, &flipped, None, &cfg)? {
+                        return Ok(Some(g));
+                    }
+                }
                 let out_size = (grad.dim(2)? - 1) * s + d * (w.dim(2)? - 1) + 1 - 2 * p;
                 grad.conv_transpose2d(w, p, arg.dim(2)? - out_size, s, d)?
             }
