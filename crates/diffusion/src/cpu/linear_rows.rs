@@ -1,8 +1,8 @@
 //! `y = act(x Wᵀ + b) (+ r)` for few rows (the text encoders' 77-token chunks), on raw f32
 //! buffers, with AVX-512.
 //!
-//! The product is computed transposed, `yᵀ = W xᵀ`: a register tile is [`MR`] output features
-//! (scalars of `W`'s rows, read in place, broadcast) × [`NR`] rows of `x` (two vectors of the
+//! The product is computed transposed, `yᵀ = W xᵀ`: a register tile is `MR` output features
+//! (scalars of `W`'s rows, read in place, broadcast) × `NR` rows of `x` (two vectors of the
 //! packed `xᵀ`), so the weights need no packing and no copy: each is read once per call, and
 //! only the small `xᵀ` is repacked. The bias starts the accumulators; activation and residual
 //! are applied to the tile as it is written back, transposed. Work is split across threads by
