@@ -3,7 +3,8 @@
 //! Parameters keep EasyPhoto's names: a config file (`--config`, TOML or JSON) and `--set
 //! name=value` override any field of [`TrainConfig`] / [`InferConfig`]. `train` and `infer` check
 //! their inputs (user ids, photos, templates, models) before any work starts. `train` runs the
-//! [train flow](crate::train) (`--resume` continues a stopped one); `infer` runs the
+//! [train flow](crate::train) (`--resume` continues a stopped one; an SDXL `sd_model_checkpoint`
+//! starts from EasyPhoto's SDXL recipe, [`TrainConfig::sdxl`]); `infer` runs the
 //! [infer flow](crate::infer) on every template and prints each result with its display scores;
 //! `creative` runs the template-free [SDXL path](crate::creative).
 
@@ -11,6 +12,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::{Deserialize, Serialize};
 
 use crate::components::{ComponentPaths, Components};
 use crate::config::{InferConfig, TrainConfig, load_config};
@@ -20,7 +22,7 @@ use crate::error::{PipelineError, Result};
 use crate::jobs::{InferJob, TrainJob, Workspace};
 use crate::models::{self, Checksum, DEFAULT_ENDPOINT, Flow, Lock, Manifest, ModelFile, Verification};
 use crate::progress::{CancelToken, Observer};
-use crate::train::{TrainComponents, resume_user, train_user};
+use crate::train::{TrainComponents, base_checkpoint, is_sdxl_checkpoint, resume_user, train_user};
 use crate::user::{UserId, UserStore};
 
 /// EasyPhoto in Rust: train a face LoRA from photos of a person, then paint them into templates.
@@ -307,7 +309,12 @@ fn train(
     cancel: &CancelToken,
 ) -> Result<()> {
     let id = UserId::new(&args.user_id)?;
-    let config: TrainConfig = load_config(args.config.config.as_deref(), &args.config.set)?;
+    let (file, sets) = (args.config.config.as_deref(), &args.config.set);
+    let mut config: TrainConfig = load_config(file, sets)?;
+    // An SDXL base starts from EasyPhoto's SDXL recipe, as its UI switches to it.
+    if base_checkpoint(manifest, &cli.models_dir, &config).is_ok_and(|p| is_sdxl_checkpoint(&p)) {
+        config = load_config::<SdxlTrainConfig>(file, sets)?.0;
+    }
     let ws = workspace(cli);
     let (dtype, device) = (candle_core::DType::F32, candle_core::Device::Cpu);
     let threads = std::thread::available_parallelism().map_or(1, usize::from);
@@ -342,6 +349,17 @@ fn train(
             outcome.best_face.display()
         ),
     )
+}
+
+/// [`TrainConfig`] with EasyPhoto's SDXL recipe as its defaults.
+#[derive(Serialize, Deserialize)]
+#[serde(transparent)]
+struct SdxlTrainConfig(TrainConfig);
+
+impl Default for SdxlTrainConfig {
+    fn default() -> Self {
+        Self(TrainConfig::sdxl())
+    }
 }
 
 fn infer(

@@ -15,6 +15,14 @@
 //! steps and sampler steps. A cancelled or killed run continues with [`resume_user`] (the
 //! trainer's resumable state, then the validations that are missing).
 //!
+//! An SDXL base checkpoint trains an SDXL LoRA ([`easyphoto_lora::train_sdxl`]) with
+//! EasyPhoto's SDXL recipe ([`TrainConfig::sdxl`], `train_lora_sd_XL.py`): 1024², at most 600
+//! steps, rank 32, alpha 16, both text encoders trained (`lora_te1_` / `lora_te2_`), and no
+//! validation: EasyPhoto refuses validation for SDXL and copies the last weights as the user's
+//! LoRA, so the final LoRA is the last checkpoint (step 6's fallback) and `face_id.jpg` the best
+//! training crop. The LoRA lands at the same place as SD1.5's, where the
+//! [creative path](crate::creative) looks for it.
+//!
 //! Not available here: EasyPhoto's skin retouching and GPEN portrait enhancement of small crops
 //! (ModelScope models without a portable export); `skin_retouching_bool` is reported as skipped.
 
@@ -29,11 +37,11 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use easyphoto_diffusion::text_encoding::{Encoder, Layer, PromptEncoder, TextEncoders};
 use easyphoto_diffusion::{
-    AutoencoderKL, CLIPTextModel, ClipTokenizer, ModelFamily, PadToken, SingleFile, StableDiffusion, TextEncoderSlot,
-    UNet2DConditionModel, diffusers_folder,
+    AutoencoderKL, CLIPTextModel, CLIPTextModelWithProjection, ClipTokenizer, ModelFamily, PadToken, SingleFile,
+    StableDiffusion, TextEncoderSlot, UNet2DConditionModel, diffusers_folder,
 };
 use easyphoto_face::{ArcFace, FaceDetector, FaceEmbedder, Scrfd, Segmenter, U2Net};
-use easyphoto_lora::{KohyaLora, Targets, TrainImage, TrainModels};
+use easyphoto_lora::{KohyaLora, SdxlTrainModels, Targets, TrainImage, TrainModels};
 use image::RgbImage;
 
 use crate::config::TrainConfig;
@@ -47,13 +55,36 @@ use crate::user::{UserId, UserInfo, UserStore, write_atomic};
 /// Progress stage of the LoRA training (one step per optimizer step).
 pub const TRAIN_STAGE: &str = "train";
 
-/// The SD1.x base model that is trained and sampled: its parts kept apart, because training
-/// adapts the UNet and the text encoder while validation samples from fresh copies.
+/// SDXL's second tokenizer pads with `!`, id 0.
+const SDXL_PAD_TOKEN_2: u32 = 0;
+
+impl TrainConfig {
+    /// EasyPhoto's SDXL recipe, what its UI switches to when an SDXL checkpoint is picked (PR
+    /// #193): resolution 1024, at most 600 steps, rank 32, alpha 16, validation off; learning
+    /// rates, batch and steps per photo as for SD1.5. The checkpoint is the creative path's.
+    pub fn sdxl() -> Self {
+        Self {
+            sd_model_checkpoint: crate::creative::CreativeConfig::default().sd_model_checkpoint,
+            resolution: 1024,
+            max_train_steps: 600,
+            rank: 32,
+            network_alpha: 16,
+            validation: false,
+            ..Self::default()
+        }
+    }
+}
+
+/// The base model that is trained and sampled (SD1.x, or SDXL): its parts kept apart, because
+/// training adapts the UNet and the text encoders while validation samples from fresh copies.
 #[derive(Debug, Clone)]
 pub struct BaseModel {
     pub unet: UNet2DConditionModel,
     pub vae: AutoencoderKL,
     pub text_encoder: CLIPTextModel,
+    /// SDXL's second, projected text encoder; `None` for SD1.x.
+    pub text_encoder_2: Option<CLIPTextModelWithProjection>,
+    /// The (first) text encoder's tokenizer.
     pub tokenizer: ClipTokenizer,
     /// A1111's clip skip (1 = off).
     pub clip_skip: usize,
@@ -64,18 +95,18 @@ pub struct BaseModel {
 }
 
 impl BaseModel {
-    /// Loads an SD1.x single-file checkpoint or diffusers folder; other families are refused
-    /// (EasyPhoto rejects SD2; its SDXL LoRAs are a separate recipe).
+    /// Loads an SD1.x or SDXL single-file checkpoint or diffusers folder; other families are
+    /// refused (EasyPhoto rejects SD2).
     pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let name = path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
         let not_sd1 = |family: ModelFamily| PipelineError::InvalidInput {
             path: path.to_path_buf(),
-            reason: format!("a {family:?} checkpoint; face LoRAs are trained on SD1.x"),
+            reason: format!("a {family:?} checkpoint; face LoRAs are trained on SD1.x or SDXL"),
         };
+        if is_sdxl_checkpoint(path) {
+            return Self::load_sdxl(path, name, dtype, device);
+        }
         if path.is_dir() {
-            if path.join("text_encoder_2").is_dir() {
-                return Err(not_sd1(ModelFamily::Sdxl));
-            }
             let sd = StableDiffusion::from_diffusers_folder(path, 1, dtype, device)?;
             if sd.family != ModelFamily::Sd1 {
                 return Err(not_sd1(sd.family));
@@ -84,6 +115,7 @@ impl BaseModel {
                 unet: sd.unet,
                 vae: sd.vae,
                 text_encoder: diffusers_folder::load_clip_text_model(&path.join("text_encoder"), None, dtype, device)?,
+                text_encoder_2: None,
                 tokenizer: ClipTokenizer::from_folder(path.join("tokenizer"))?,
                 clip_skip: 1,
                 scheduler_config: sd.scheduler_config,
@@ -100,6 +132,7 @@ impl BaseModel {
             unet: file.load_unet(&file.unet_config()?, dtype, device)?,
             vae: file.load_vae(&file.vae_config()?, dtype, device)?,
             text_encoder: file.load_text_encoder(slot, &file.text_encoder_config(slot)?, dtype, device)?,
+            text_encoder_2: None,
             tokenizer: ClipTokenizer::embedded(PadToken::EndOfText)?,
             clip_skip: 1,
             scheduler_config: serde_json::json!({
@@ -110,9 +143,51 @@ impl BaseModel {
         })
     }
 
+    /// An SDXL model's parts ([`load_sdxl`](crate::creative::load_sdxl)), the tokenizer being
+    /// the first encoder's.
+    fn load_sdxl(path: &Path, name: String, dtype: DType, device: &Device) -> Result<Self> {
+        let mut sd = crate::creative::load_sdxl(path, dtype, device)?;
+        let tokenizer = if path.is_dir() {
+            ClipTokenizer::from_folder(path.join("tokenizer"))?
+        } else {
+            ClipTokenizer::embedded(PadToken::EndOfText)?
+        };
+        let (text_encoder, text_encoder_2) = {
+            let mut encoders = sd.text_encoders.encoders_mut();
+            match (encoders.next(), encoders.next()) {
+                (Some(Encoder::Plain(l)), Some(Encoder::Projected(g))) => (l.clone(), g.clone()),
+                _ => {
+                    return Err(PipelineError::InvalidInput {
+                        path: path.to_path_buf(),
+                        reason: "an SDXL model without CLIP-L and a projected second text encoder".into(),
+                    });
+                }
+            }
+        };
+        Ok(Self {
+            unet: sd.unet,
+            vae: sd.vae,
+            text_encoder,
+            text_encoder_2: Some(text_encoder_2),
+            tokenizer,
+            clip_skip: 1,
+            scheduler_config: sd.scheduler_config,
+            name,
+        })
+    }
+
+    /// Whether this is an SDXL model.
+    pub fn is_sdxl(&self) -> bool {
+        self.text_encoder_2.is_some()
+    }
+
     /// A sampling model of these weights with `lora` merged at multiplier 1 (EasyPhoto's
     /// validation: a fresh copy of the base with the current LoRA merged). The base is untouched.
+    /// SD1.x only: SDXL trainings are not validated.
     pub fn with_lora(&self, lora: Option<&KohyaLora>) -> Result<StableDiffusion> {
+        if self.is_sdxl() {
+            return Err(sdxl_validation());
+        }
         let (mut unet, mut text_encoder) = (self.unet.clone(), self.text_encoder.clone());
         if let Some(lora) = lora {
             let mut targets =
@@ -161,13 +236,7 @@ impl TrainComponents {
     ) -> Result<Self> {
         manifest.require(models_dir, Some(Flow::Train), endpoint)?;
         let path = |name: &str| manifest.get(name).map(|m| m.local_path(models_dir));
-        let named = Path::new(&config.sd_model_checkpoint);
-        let base = if named.exists() {
-            named.to_path_buf()
-        } else {
-            let default = path("chilloutmix")?;
-            default.parent().unwrap_or(models_dir).join(&config.sd_model_checkpoint)
-        };
+        let base = base_checkpoint(manifest, models_dir, config)?;
         let templates = (1..=4)
             .map(|k| {
                 let file = path(&format!("template-{k}"))?;
@@ -182,6 +251,44 @@ impl TrainComponents {
             templates,
         })
     }
+}
+
+/// The base checkpoint `config.sd_model_checkpoint` names: that path when it exists, otherwise
+/// that file name beside the default base.
+pub fn base_checkpoint(manifest: &Manifest, models_dir: &Path, config: &TrainConfig) -> Result<PathBuf> {
+    let named = Path::new(&config.sd_model_checkpoint);
+    if named.exists() {
+        return Ok(named.to_path_buf());
+    }
+    let default = manifest.get("chilloutmix")?.local_path(models_dir);
+    Ok(default.parent().unwrap_or(models_dir).join(&config.sd_model_checkpoint))
+}
+
+/// Whether `path` is an SDXL base model: a diffusers folder with `text_encoder_2`, or a single
+/// file whose keys say SDXL. Unreadable files are not.
+pub fn is_sdxl_checkpoint(path: &Path) -> bool {
+    if path.is_dir() {
+        return path.join("text_encoder_2").is_dir();
+    }
+    SingleFile::open(path).and_then(|f| f.family()).is_ok_and(|family| family == ModelFamily::Sdxl)
+}
+
+/// EasyPhoto's refusal of validation for SDXL.
+fn sdxl_validation() -> PipelineError {
+    PipelineError::InvalidParameter {
+        field: "validation".into(),
+        reason: "SDXL LoRAs are trained without validation, as EasyPhoto does (the final LoRA is the last \
+                 checkpoint); set validation = false (EasyPhoto's SDXL recipe: TrainConfig::sdxl)"
+            .into(),
+    }
+}
+
+/// Refuses what the base model's family cannot train with.
+fn check_family(config: &TrainConfig, base: &BaseModel) -> Result<()> {
+    if base.is_sdxl() && config.validation {
+        return Err(sdxl_validation());
+    }
+    Ok(())
 }
 
 /// The uploaded photos: image files (decoded and EXIF-transposed here) or images already decoded
@@ -229,6 +336,7 @@ pub fn train_user(
     cancel: &CancelToken,
 ) -> Result<TrainOutcome> {
     config.validate()?;
+    check_family(config, &components.base)?;
     store.check_new(id)?;
     let seed = if config.seed < 0 { rand::random_range(1..1_000_000) } else { config.seed as u64 };
 
@@ -257,6 +365,7 @@ pub fn resume_user(
     cancel: &CancelToken,
 ) -> Result<TrainOutcome> {
     config.validate()?;
+    check_family(config, &components.base)?;
     let info = store.read_info(id)?;
     finish(store, id, info, config, components, observer, cancel)
 }
@@ -381,10 +490,20 @@ fn finish(
             if stop { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
         };
         let base = &mut components.base;
-        let models = TrainModels { unet: &mut base.unet, text_encoder: &mut base.text_encoder, vae: &base.vae };
         let callbacks =
             easyphoto_lora::Callbacks { progress: Some(&mut on_step), checkpoint: Some(&mut on_checkpoint) };
-        let trained = easyphoto_lora::train(models, &data, &lora_config, &weights_dir, callbacks);
+        let (unet, text_encoder, vae) = (&mut base.unet, &mut base.text_encoder, &base.vae);
+        let trained = match base.text_encoder_2.as_mut() {
+            None => {
+                let models = TrainModels { unet, text_encoder, vae };
+                easyphoto_lora::train(models, &data, &lora_config, &weights_dir, callbacks)
+            }
+            Some(text_encoder_2) => {
+                let pad_token_id_2 = SDXL_PAD_TOKEN_2;
+                let models = SdxlTrainModels { unet, text_encoder, text_encoder_2, vae, pad_token_id_2 };
+                easyphoto_lora::train_sdxl(models, &data, &lora_config, &weights_dir, callbacks)
+            }
+        };
         let failed = failure.borrow_mut().take();
         match (trained, failed) {
             (_, Some(e)) => return Err(e),

@@ -48,6 +48,7 @@ fn tiny_base() -> BaseModel {
         vae: diffusers_folder::load_vae(&diffusion_fixture("vae"), None, DType::F32, &dev).unwrap(),
         text_encoder: diffusers_folder::load_clip_text_model(&diffusion_fixture("clip_l"), None, DType::F32, &dev)
             .unwrap(),
+        text_encoder_2: None,
         tokenizer: ClipTokenizer::from_folder(diffusion_fixture("tokenizer/folder_vocab_merges")).unwrap(),
         clip_skip: 1,
         scheduler_config: serde_json::json!({"beta_start": 0.00085, "beta_end": 0.012,
