@@ -51,7 +51,7 @@ impl TrainJob {
             });
         }
         ws.store.check_new(&user_id)?;
-        manifest.require(&ws.models_dir, Some(Flow::Train), &ws.endpoint)?;
+        crate::train::require_train_models(manifest, &ws.models_dir, &config, &ws.endpoint)?;
         let train_steps = config.train_steps(photos.len());
         Ok(Self { user_id, photos, config, train_steps })
     }

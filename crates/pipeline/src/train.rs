@@ -46,7 +46,7 @@ use image::RgbImage;
 
 use crate::config::TrainConfig;
 use crate::error::{PipelineError, Result};
-use crate::models::{Flow, Manifest};
+use crate::models::{Flow, Manifest, MissingModel};
 use crate::original_backup::{save_original_backup, save_original_images};
 use crate::progress::{CancelToken, Observer, Progress};
 use crate::training_set::{load_training_set, save_training_set};
@@ -224,7 +224,8 @@ impl TrainComponents {
     /// The train flow's models under `models_dir`, as the manifest places them (refusing with the
     /// offline error that lists what is missing): the base checkpoint (`config.sd_model_checkpoint`
     /// when that is an existing path, otherwise that file name beside the default base), SCRFD,
-    /// ArcFace, U²-Net and the four validation templates. ONNX models run on `threads` threads.
+    /// ArcFace, U²-Net and, when `config.validation` is on, the four validation templates. ONNX
+    /// models run on `threads` threads.
     pub fn from_models_dir(
         manifest: &Manifest,
         models_dir: &Path,
@@ -234,15 +235,19 @@ impl TrainComponents {
         device: &Device,
         threads: usize,
     ) -> Result<Self> {
-        manifest.require(models_dir, Some(Flow::Train), endpoint)?;
+        require_train_models(manifest, models_dir, config, endpoint)?;
         let path = |name: &str| manifest.get(name).map(|m| m.local_path(models_dir));
         let base = base_checkpoint(manifest, models_dir, config)?;
-        let templates = (1..=4)
-            .map(|k| {
-                let file = path(&format!("template-{k}"))?;
-                Ok((format!("{k}.jpg"), easyphoto_face::load_rgb(&file)?))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let templates = if config.validation {
+            (1..=4)
+                .map(|k| {
+                    let file = path(&format!("template-{k}"))?;
+                    Ok((format!("{k}.jpg"), easyphoto_face::load_rgb(&file)?))
+                })
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            vec![]
+        };
         Ok(Self {
             base: BaseModel::load(&base, dtype, device)?,
             detector: Box::new(Scrfd::load(path("scrfd-10g")?, threads)?),
@@ -251,6 +256,29 @@ impl TrainComponents {
             templates,
         })
     }
+}
+
+/// Refuses a training run whose model files are missing, with the offline error that lists
+/// them: the manifest's training files, less the validation templates when validation is off and
+/// the default base when `config` names another one.
+pub fn require_train_models(
+    manifest: &Manifest,
+    models_dir: &Path,
+    config: &TrainConfig,
+    endpoint: &str,
+) -> Result<()> {
+    let base = base_checkpoint(manifest, models_dir, config)?;
+    let needed = |m: &MissingModel| match m.name.as_str() {
+        name if name.starts_with("template-") => config.validation,
+        "chilloutmix" => m.path == base,
+        _ => true,
+    };
+    let missing: Vec<_> =
+        manifest.missing(models_dir, Some(Flow::Train), endpoint).into_iter().filter(needed).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(PipelineError::ModelsMissing { models_dir: models_dir.to_path_buf(), missing })
 }
 
 /// The base checkpoint `config.sd_model_checkpoint` names: that path when it exists, otherwise

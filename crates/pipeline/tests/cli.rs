@@ -193,6 +193,21 @@ fn train_refuses_bad_inputs_with_typed_errors() {
         }
         other => panic!("{other:?}"),
     }
+    // A run without validation needs no templates, and one on another base no default base.
+    std::fs::remove_file(manifest.get("template-1").unwrap().local_path(&s.path("models"))).unwrap();
+    let no_validation = ["train", "--user-id", "bob", "--photos", p, "--set", "validation=false"];
+    match s.run(&no_validation) {
+        Err(PipelineError::ModelsMissing { missing, .. }) => {
+            assert_eq!(missing.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(), ["chilloutmix"]);
+        }
+        other => panic!("{other:?}"),
+    }
+    let elsewhere = format!("sd_model_checkpoint={}", s.path("elsewhere.safetensors").display());
+    match s.run(&[&no_validation[..], &["--set", &elsewhere]].concat()) {
+        Err(PipelineError::ModelsMissing { missing, .. }) => panic!("{missing:?}"),
+        Err(e) => assert!(e.to_string().contains("elsewhere.safetensors"), "{e}"),
+        Ok(out) => panic!("trained on a missing base: {out}"),
+    }
 }
 
 #[test]
