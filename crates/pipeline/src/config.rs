@@ -33,7 +33,7 @@ pub const MIN_TRAIN_PHOTOS: usize = 5;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
-    /// The SD1.5 base checkpoint (file name under the models directory, or a path).
+    /// The base checkpoint, SD1.5 or SDXL (file name under the models directory, or a path).
     pub sd_model_checkpoint: String,
     pub resolution: u32,
     /// Save a checkpoint and run validation every this many steps (and after the last step).
