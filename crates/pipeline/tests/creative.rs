@@ -3,7 +3,10 @@
 //! VAE and tokenizer, assembled as a diffusers folder), through the library and the CLI. Needs
 //! ORT_DYLIB_PATH (the face models).
 
+mod support;
+
 use std::path::{Path, PathBuf};
+use support::{diffusion_fixture, face_asset, lora_fixture, temp_dir};
 
 use candle_core::{DType, Device};
 use clap::Parser;
@@ -15,31 +18,6 @@ use easyphoto_pipeline::creative::{CreativeComponents, CreativeConfig, create, l
 use easyphoto_pipeline::train::face_id_score::{face_embedding, identity_score};
 use easyphoto_pipeline::{CancelToken, Manifest, PipelineError, Progress, Silent, UserId, UserStore, write_atomic};
 use image::RgbImage;
-
-fn crate_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn lora_fixture(name: &str) -> PathBuf {
-    crate_dir().join("../lora/tests/fixtures/apply").join(name)
-}
-
-fn diffusion_fixture(name: &str) -> PathBuf {
-    crate_dir().join("../diffusion/tests/fixtures").join(name)
-}
-
-fn face_asset(name: &str) -> PathBuf {
-    crate_dir().join("../face/tests/assets").join(name)
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    // Private to this test process: two runs of the same tests at once must not share it.
-    let dir =
-        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("pipeline_creative-{}", std::process::id())).join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 /// A diffusers pipeline folder of links to fixture parts.
 fn pipeline_folder(dir: &Path, parts: &[(&str, PathBuf)]) -> PathBuf {
@@ -119,7 +97,7 @@ fn max_diff(a: &RgbImage, b: &RgbImage) -> u8 {
 
 #[test]
 fn sdxl_creative_writes_a_reproducible_image_with_the_users_lora_and_its_score() {
-    let dir = temp_dir("e2e");
+    let dir = temp_dir("pipeline_creative", "e2e");
     let model = tiny_sdxl(&dir);
     let store = UserStore::new(dir.join("root"));
     let id = user(&store, "画家", &lora_fixture("sdxl_kohya.safetensors"));
@@ -223,7 +201,7 @@ fn without_metadata(file: &Path, to: &Path) {
 
 #[test]
 fn sd15_loras_and_models_are_refused_with_typed_errors() {
-    let dir = temp_dir("bad");
+    let dir = temp_dir("pipeline_creative", "bad");
     let model = tiny_sdxl(&dir);
     let store = UserStore::new(dir.join("root"));
     let out_dir = dir.join("out");
@@ -307,7 +285,7 @@ fn sd15_loras_and_models_are_refused_with_typed_errors() {
 
 #[test]
 fn the_creative_command_writes_and_prints_its_results() {
-    let dir = temp_dir("cli");
+    let dir = temp_dir("pipeline_creative", "cli");
     let model = tiny_sdxl(&dir);
     let store = UserStore::new(dir.join("root"));
     let id = user(&store, "anna", &lora_fixture("sdxl_kohya.safetensors"));

@@ -2,8 +2,11 @@
 //! controlnet crates, with the real face models (built-in MTCNN, Human's faceres) and real photos
 //! of the face crate. Needs ONNX Runtime (`ORT_DYLIB_PATH`, see tools/test.sh).
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
+use support::{crate_dir, face_asset};
 
 use candle_core::{DType, Device, Tensor};
 use easyphoto_diffusion::{LayerMut, VisitLayers};
@@ -15,14 +18,6 @@ use easyphoto_pipeline::{
     CancelToken, InferConfig, InferJob, Manifest, PipelineError, Progress, Silent, UserId, UserStore,
 };
 use image::{GrayImage, RgbImage};
-
-fn crate_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn face_asset(name: &str) -> PathBuf {
-    crate_dir().join("../face/tests/assets").join(name)
-}
 
 /// A diffusers pipeline folder of the tiny components (UNet, VAE, CLIP, tokenizer of the
 /// diffusion crate's fixtures), built once.

@@ -3,9 +3,12 @@
 //! photos (the face crate's test assets: the astronaut photo, five copies seen differently, and
 //! a face of another person from a face-api group photo). Needs ORT_DYLIB_PATH (tools/test.sh).
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
+use support::{diffusion_fixture, face_asset, temp_dir};
 
 use candle_core::{DType, Device, Tensor};
 use easyphoto_diffusion::{ClipTokenizer, UNetConditioning, diffusers_folder};
@@ -20,27 +23,6 @@ use easyphoto_pipeline::{
     resume_user, train_user,
 };
 use image::{RgbImage, imageops};
-
-fn crate_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn diffusion_fixture(name: &str) -> PathBuf {
-    crate_dir().join("../diffusion/tests/fixtures").join(name)
-}
-
-fn face_asset(name: &str) -> PathBuf {
-    crate_dir().join("../face/tests/assets").join(name)
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    // Private to this test process: two runs of the same tests at once must not share it.
-    let dir =
-        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("pipeline_train-{}", std::process::id())).join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 /// Tiny random SD1.5 parts with the real layouts (UNet 32/64/64, VAE 32/64, CLIP 32-d, 1000 tokens).
 fn tiny_base() -> BaseModel {
@@ -150,7 +132,7 @@ fn unet_output(unet: &easyphoto_diffusion::UNet2DConditionModel) -> Tensor {
 
 #[test]
 fn trains_five_photos_validates_twice_fuses_and_resumes_to_the_same_lora() {
-    let dir = temp_dir("e2e");
+    let dir = temp_dir("pipeline_train", "e2e");
     let photos = write_photos(&dir.join("photos"), &astronaut_photos());
     let store = UserStore::new(dir.join("root"));
     let id = UserId::new("宇航员").unwrap();
@@ -342,7 +324,7 @@ fn trains_five_photos_validates_twice_fuses_and_resumes_to_the_same_lora() {
 
 #[test]
 fn the_ranking_drops_another_person_and_faceless_photos_are_skipped() {
-    let dir = temp_dir("ranking");
+    let dir = temp_dir("pipeline_train", "ranking");
     let mut photos = astronaut_photos();
     photos.push(other_person());
     photos.push(RgbImage::from_fn(200, 160, |x, y| image::Rgb([x as u8, y as u8, 128])));
@@ -415,7 +397,7 @@ fn identity_scores_rank_the_same_person_above_another() {
 
 #[test]
 fn bad_inputs_are_typed_errors_and_leave_nothing_behind() {
-    let dir = temp_dir("bad");
+    let dir = temp_dir("pipeline_train", "bad");
     let root = dir.join("root");
     let store = UserStore::new(&root);
     assert!(matches!(UserId::new("../../etc"), Err(PipelineError::InvalidUserId { .. })));
@@ -544,7 +526,7 @@ fn a_killed_training_resumes_to_the_uninterrupted_lora() {
     }
 
     // The uninterrupted run.
-    let dir = temp_dir("killed");
+    let dir = temp_dir("pipeline_train", "killed");
     let whole_store = UserStore::new(dir.join("whole"));
     let whole = UserId::new("whole").unwrap();
     let photos = write_photos(&dir.join("photos"), &astronaut_photos());

@@ -3,7 +3,10 @@
 //! crate's VAE and tokenizer, assembled as a diffusers folder) and the real face models on five
 //! real photos (the face crate's astronaut photo, seen five ways). Needs ORT_DYLIB_PATH.
 
+mod support;
+
 use std::path::{Path, PathBuf};
+use support::{crate_dir, face_asset, temp_dir};
 
 use candle_core::{DType, Device};
 use easyphoto_face::{FaceRes, HumanSelfie, Mtcnn, warp_affine};
@@ -15,24 +18,6 @@ use easyphoto_pipeline::{
     resume_user, train_user,
 };
 use image::{RgbImage, imageops};
-
-fn crate_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn face_asset(name: &str) -> PathBuf {
-    crate_dir().join("../face/tests/assets").join(name)
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    // Private to this test process: two runs of the same tests at once must not share it.
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("pipeline_train_sdxl-{}", std::process::id()))
-        .join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 /// Tiny SDXL as a diffusers folder of links: UNet 32/32 with text-time conditioning, CLIP-L and
 /// bigG-layout encoders (32-d).
@@ -105,7 +90,7 @@ fn config() -> TrainConfig {
 
 #[test]
 fn sdxl_base_trains_the_users_sdxl_lora_and_creative_paints_with_it() {
-    let dir = temp_dir("e2e");
+    let dir = temp_dir("pipeline_train_sdxl", "e2e");
     let model = tiny_sdxl(&dir);
     let photos = astronaut_photos(&dir.join("photos"));
     let store = UserStore::new(dir.join("root"));
