@@ -346,7 +346,18 @@ impl Manifest {
     /// The offline check: `Err(ModelsMissing)` listing every absent file of `flow`, where to put
     /// it and where to get it.
     pub fn require(&self, models_dir: &Path, flow: Option<Flow>, endpoint: &str) -> Result<()> {
-        let missing = self.missing(models_dir, flow, endpoint);
+        self.require_only(models_dir, flow, endpoint, |_| true)
+    }
+
+    /// [`require`](Self::require) for the missing files that `needed` keeps.
+    pub fn require_only(
+        &self,
+        models_dir: &Path,
+        flow: Option<Flow>,
+        endpoint: &str,
+        needed: impl Fn(&MissingModel) -> bool,
+    ) -> Result<()> {
+        let missing: Vec<_> = self.missing(models_dir, flow, endpoint).into_iter().filter(|m| needed(m)).collect();
         if missing.is_empty() {
             return Ok(());
         }

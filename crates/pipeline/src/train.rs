@@ -46,7 +46,7 @@ use image::RgbImage;
 
 use crate::config::TrainConfig;
 use crate::error::{PipelineError, Result};
-use crate::models::{Flow, Manifest, MissingModel};
+use crate::models::{Flow, Manifest};
 use crate::original_backup::{save_original_backup, save_original_images};
 use crate::progress::{CancelToken, Observer, Progress};
 use crate::training_set::{load_training_set, save_training_set};
@@ -268,17 +268,11 @@ pub fn require_train_models(
     endpoint: &str,
 ) -> Result<()> {
     let base = base_checkpoint(manifest, models_dir, config)?;
-    let needed = |m: &MissingModel| match m.name.as_str() {
+    manifest.require_only(models_dir, Some(Flow::Train), endpoint, |m| match m.name.as_str() {
         name if name.starts_with("template-") => config.validation,
         "chilloutmix" => m.path == base,
         _ => true,
-    };
-    let missing: Vec<_> =
-        manifest.missing(models_dir, Some(Flow::Train), endpoint).into_iter().filter(needed).collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    Err(PipelineError::ModelsMissing { models_dir: models_dir.to_path_buf(), missing })
+    })
 }
 
 /// The base checkpoint `config.sd_model_checkpoint` names: that path when it exists, otherwise
