@@ -55,7 +55,25 @@ fn attention(c: &mut Criterion, name: &str, (b, h, n, m, d): (usize, usize, usiz
     group.finish();
 }
 
+/// Forward and backward of the training attention (LoRA training's self-attention shapes).
+fn attention_backward(c: &mut Criterion, name: &str, (b, h, n, m, d): (usize, usize, usize, usize, usize)) {
+    let mut group = c.benchmark_group(name);
+    group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(5));
+    let var = |len| candle_core::Var::from_tensor(&randn(&[b, h, len, d])).unwrap();
+    let (q, k, v, w) = (var(n), var(m), var(m), randn(&[b, h, n, d]));
+    let scale = (d as f64).powf(-0.5);
+    group.bench_function("kernel", |bench| {
+        bench.iter(|| {
+            let out = cpu::attention_backward::attention(&q, &k, &v, scale).unwrap().unwrap();
+            (out * &w).unwrap().sum_all().unwrap().backward().unwrap()
+        })
+    });
+    group.finish();
+}
+
 fn attentions(c: &mut Criterion) {
+    attention_backward(c, "attention fwd+bwd [1,8,1024,16]", (1, 8, 1024, 1024, 16));
+    attention_backward(c, "attention fwd+bwd [1,8,4096,40]", (1, 8, 4096, 4096, 40));
     attention(c, "attention self [2,8,4096,40]", (2, 8, 4096, 4096, 40));
     attention(c, "attention self [2,8,1024,80]", (2, 8, 1024, 1024, 80));
     attention(c, "attention cross [2,8,4096,40]x77", (2, 8, 4096, 77, 40));

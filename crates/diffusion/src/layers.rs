@@ -245,17 +245,24 @@ impl candle_core::CustomOp1 for FrozenOp {
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let w = &like(&self.weight, grad)?;
+        let flops = 2.0 * (arg.elem_count() * self.weight.dim(0)?) as f64;
         Ok(Some(match self.kind {
-            Frozen::Linear => grad.broadcast_matmul(w)?,
+            Frozen::Linear => {
+                let _p = crate::cpu::profile::scope_flops("linear backward", flops);
+                grad.broadcast_matmul(w)?
+            }
             Frozen::Conv2d(cfg) => {
+                let _p = crate::cpu::profile::scope_flops(
+                    if cfg.stride > 1 { "conv backward/s2" } else { "conv backward" },
+                    flops * (w.dim(2)? * w.dim(3)?) as f64 / (cfg.stride * cfg.stride) as f64,
+                );
                 let (p, s, d) = (cfg.padding, cfg.stride, cfg.dilation);
                 let k = w.dim(2)?;
                 if s == 1 && d == 1 && k == w.dim(3)? && p < k {
                     // Stride 1: the input gradient is the convolution of the output gradient
                     // with the kernel flipped and its channel axes swapped, which the CPU
                     // kernels run (candle's conv_transpose2d is far slower).
-                    let rev = Tensor::from_vec((0..k as u32).rev().collect::<Vec<_>>(), k, grad.device())?;
-                    let flipped = w.transpose(0, 1)?.contiguous()?.index_select(&rev, 2)?.index_select(&rev, 3)?;
+                    let flipped = flip_kernel(w)?;
                     let cfg = candle_nn::Conv2dConfig { padding: k - 1 - p, ..cfg };
                     if let Some(g) = crate::cpu::conv::conv2d(&grad.detach().contiguous()?, &flipped, None, &cfg)? {
                         return Ok(Some(g));
@@ -266,6 +273,23 @@ impl candle_core::CustomOp1 for FrozenOp {
             }
         }))
     }
+}
+
+/// `w [C_out, C_in, k, k]` with its channel axes swapped and each kernel rotated by 180°.
+fn flip_kernel(w: &Tensor) -> Result<Tensor> {
+    let (cout, cin, k, _) = w.dims4()?;
+    let src = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let kk = k * k;
+    let mut out = vec![0f32; src.len()];
+    for (ci, dst) in out.chunks_exact_mut(cout * kk).enumerate() {
+        for (co, taps) in dst.chunks_exact_mut(kk).enumerate() {
+            let from = &src[(co * cin + ci) * kk..][..kk];
+            for (t, x) in taps.iter_mut().zip(from.iter().rev()) {
+                *t = *x;
+            }
+        }
+    }
+    Tensor::from_vec(out, (cin, cout, k, k), w.device())
 }
 
 fn conv_kind(w: &Tensor, cfg: &candle_nn::Conv2dConfig) -> &'static str {

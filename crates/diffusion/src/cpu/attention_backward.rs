@@ -1,6 +1,7 @@
 //! Attention for training (LoRA): the forward of [`super::attention`] (no `[N, M]` score
-//! matrix kept) with its own backward, which recomputes the scores a few heads at a time, as
-//! FlashAttention's backward does. candle's differentiable composition (`q·kᵀ`, scale, the
+//! matrix kept) with its own backward, which recomputes the scores block by block, as
+//! FlashAttention's backward does (an AVX-512 kernel; candle ops a few heads at a time on other
+//! CPUs). candle's differentiable composition (`q·kᵀ`, scale, the
 //! softmax's max / subtract / exp / sum / divide, `·v`) keeps five `B·H·N·M` tensors alive per
 //! attention until the backward has run; at 64×64 latents that is 0.5 GB per self-attention.
 //!
@@ -82,27 +83,322 @@ impl CustomOp3 for TrainAttentionOp {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (_, h, n, _) = q.dims4()?;
-        let m = k.dim(2)?;
-        let scale = f64::from(self.scale);
         // [B, N, H, d] to [B, H, N, d].
         let (out, grad) = (res.detach().transpose(1, 2)?, grad.detach().transpose(1, 2)?);
         let (q, k, v) = (q.detach(), k.detach(), v.detach());
-        let heads = (CHUNK / (n * m).max(1)).clamp(1, h);
-        let (mut dq, mut dk, mut dv) = (vec![], vec![], vec![]);
-        for h0 in (0..h).step_by(heads) {
-            let hc = heads.min(h - h0);
-            let part = |t: &Tensor| t.narrow(1, h0, hc)?.contiguous();
-            let (q, k, v, o, go) = (part(&q)?, part(&k)?, part(&v)?, part(&out)?, part(&grad)?);
-            let p = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?;
-            dv.push(p.t()?.contiguous()?.matmul(&go)?);
-            let rowsum = (&go * &o)?.sum_keepdim(D::Minus1)?;
-            let ds = (go.matmul(&v.t()?)?.broadcast_sub(&rowsum)? * &p)?;
-            drop(p);
-            dq.push((ds.matmul(&k)? * scale)?);
-            dk.push((ds.t()?.contiguous()?.matmul(&q)? * scale)?);
+        #[cfg(target_arch = "x86_64")]
+        if has_avx512() {
+            let (b, h, n, d) = q.dims4()?;
+            let m = k.dim(2)?;
+            let data = |t: &Tensor| t.contiguous()?.flatten_all()?.to_vec1::<f32>();
+            let (qd, kd, vd, od, gd) = (data(&q)?, data(&k)?, data(&v)?, data(&out)?, data(&grad)?);
+            let dims = Dims { b, h, n, m, d };
+            // SAFETY: AVX-512 is present; the buffers are contiguous [B, H, N|M, d].
+            let (dq, dk, dv) = unsafe { x86::backward(&qd, &kd, &vd, &od, &gd, dims, self.scale) };
+            let dev = q.device();
+            return Ok((
+                Some(Tensor::from_vec(dq, (b, h, n, d), dev)?),
+                Some(Tensor::from_vec(dk, (b, h, m, d), dev)?),
+                Some(Tensor::from_vec(dv, (b, h, m, d), dev)?),
+            ));
         }
-        Ok((Some(Tensor::cat(&dq, 1)?), Some(Tensor::cat(&dk, 1)?), Some(Tensor::cat(&dv, 1)?)))
+        composed_backward(&q, &k, &v, &out, &grad, f64::from(self.scale))
+    }
+}
+
+/// The backward as candle ops, a few heads at a time (CPUs without AVX-512).
+fn composed_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    grad: &Tensor,
+    scale: f64,
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let (_, h, n, _) = q.dims4()?;
+    let m = k.dim(2)?;
+    let heads = (CHUNK / (n * m).max(1)).clamp(1, h);
+    let (mut dq, mut dk, mut dv) = (vec![], vec![], vec![]);
+    for h0 in (0..h).step_by(heads) {
+        let hc = heads.min(h - h0);
+        let part = |t: &Tensor| t.narrow(1, h0, hc)?.contiguous();
+        let (q, k, v, o, go) = (part(q)?, part(k)?, part(v)?, part(out)?, part(grad)?);
+        let p = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?;
+        dv.push(p.t()?.contiguous()?.matmul(&go)?);
+        let rowsum = (&go * &o)?.sum_keepdim(D::Minus1)?;
+        let ds = (go.matmul(&v.t()?)?.broadcast_sub(&rowsum)? * &p)?;
+        drop(p);
+        dq.push((ds.matmul(&k)? * scale)?);
+        dk.push((ds.t()?.contiguous()?.matmul(&q)? * scale)?);
+    }
+    Ok((Some(Tensor::cat(&dq, 1)?), Some(Tensor::cat(&dk, 1)?), Some(Tensor::cat(&dv, 1)?)))
+}
+
+/// Batch, heads, queries, keys and head width.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    b: usize,
+    h: usize,
+    n: usize,
+    m: usize,
+    d: usize,
+}
+
+/// The backward kernel. Work is split into tasks of one (batch, head) and a range of queries;
+/// a task packs `K` and `V` transposed (`[d, M]`, keys along the vector lanes, so any head
+/// width works), recomputes each query's log-sum-exp, then walks blocks of keys that fit in L2
+/// with groups of eight queries: scores, probabilities, `dP`, `dS`, and the three products, with
+/// `dK` / `dV` accumulated per task (summed over a head's tasks at the end).
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)] // register tiles index several arrays by row
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use rayon::prelude::*;
+
+    use super::Dims;
+    use crate::cpu::simd::exp;
+
+    /// Queries per register tile.
+    const R: usize = 8;
+    /// Lanes per vector.
+    const L: usize = 16;
+
+    /// `(dQ, dK, dV)`, each `[B, H, N|M, d]`, for contiguous `[B, H, N|M, d]` inputs.
+    ///
+    /// # Safety
+    /// AVX-512F must be available and the slices must hold the shapes of `dims`.
+    pub(super) unsafe fn backward(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        o: &[f32],
+        go: &[f32],
+        Dims { b, h, n, m, d }: Dims,
+        scale: f32,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        // Enough tasks for every thread, each with at least 64 queries.
+        let threads = rayon::current_num_threads();
+        let splits = (2 * threads).div_ceil(b * h).clamp(1, n.div_ceil(64).max(1));
+        let rows = n.div_ceil(splits);
+        let parts: Vec<Part> = (0..b * h * splits)
+            .into_par_iter()
+            .map(|t| {
+                let (bh, s) = (t / splits, t % splits);
+                let (r0, r1) = ((s * rows).min(n), ((s + 1) * rows).min(n));
+                let rows = |x| &head(x, bh, n, d)[r0 * d..r1 * d];
+                let io = Head { q: rows(q), o: rows(o), go: rows(go) };
+                // SAFETY: the caller guarantees AVX-512F.
+                unsafe { task(&io, head(k, bh, m, d), head(v, bh, m, d), m, d, scale) }
+            })
+            .collect();
+        let mut dq = Vec::with_capacity(b * h * n * d);
+        let (mut dk, mut dv) = (vec![0f32; b * h * m * d], vec![0f32; b * h * m * d]);
+        for (t, part) in parts.into_iter().enumerate() {
+            dq.extend_from_slice(&part.dq);
+            let bh = t / splits;
+            let ld = part.dkt.len() / d.max(1);
+            for (dst, src) in [(&mut dk, &part.dkt), (&mut dv, &part.dvt)] {
+                let dst = &mut dst[bh * m * d..][..m * d];
+                for (j, row) in dst.chunks_exact_mut(d).enumerate() {
+                    for (c, x) in row.iter_mut().enumerate() {
+                        *x += src[c * ld + j];
+                    }
+                }
+            }
+        }
+        (dq, dk, dv)
+    }
+
+    /// Head `bh` of a `[B·H, len, d]` buffer.
+    fn head(x: &[f32], bh: usize, len: usize, d: usize) -> &[f32] {
+        &x[bh * len * d..][..len * d]
+    }
+
+    /// One task's queries, outputs and output gradients (`[rows, d]` each).
+    struct Head<'a> {
+        q: &'a [f32],
+        o: &'a [f32],
+        go: &'a [f32],
+    }
+
+    /// One task's results: its rows of `dQ` and its share of `dKᵀ`, `dVᵀ` (`[d, M]` padded).
+    struct Part {
+        dq: Vec<f32>,
+        dkt: Vec<f32>,
+        dvt: Vec<f32>,
+    }
+
+    #[target_feature(enable = "avx512f")]
+    fn task(io: &Head, k: &[f32], v: &[f32], m: usize, d: usize, scale: f32) -> Part {
+        let rows = io.q.len() / d;
+        // Keys padded to whole vectors; rows of the `[d, M]` buffers one vector apart from a
+        // multiple of 4 KiB (power-of-two row strides alias in L1).
+        let mp = m.div_ceil(L) * L;
+        let ld = mp + L;
+        let transpose = |x: &[f32]| {
+            let mut t = vec![0f32; d * ld];
+            for (j, row) in x.chunks_exact(d).enumerate() {
+                for (c, &val) in row.iter().enumerate() {
+                    t[c * ld + j] = val;
+                }
+            }
+            t
+        };
+        let (kt, vt) = (transpose(k), transpose(v));
+        // Rows padded to whole tiles with zeros (a zero query with a zero gradient adds nothing).
+        let groups = rows.div_ceil(R);
+        let mut qs = vec![0f32; groups * R * d];
+        let mut gs = vec![0f32; groups * R * d];
+        for (dst, &x) in qs.iter_mut().zip(io.q) {
+            *dst = x * scale;
+        }
+        gs[..rows * d].copy_from_slice(io.go);
+        // D_i = dO_i · O_i.
+        let mut dd = vec![0f32; groups * R];
+        for (i, x) in dd.iter_mut().take(rows).enumerate() {
+            *x = (0..d).map(|c| io.go[i * d + c] * io.o[i * d + c]).sum();
+        }
+        // Each query's log-sum-exp over all keys.
+        let mut lse = vec![0f32; groups * R];
+        let mut s = vec![0f32; R * ld];
+        for g in 0..groups {
+            rows_times_t(&qs[g * R * d..], (&kt, ld), 0, mp, d, (&mut s, ld));
+            for r in 0..R {
+                lse[g * R + r] = log_sum_exp(&s[r * ld..][..m]);
+            }
+        }
+        let kb = ((16384 / d.max(1)) / L * L).clamp(L, 512).min(mp);
+        let kl = kb + L;
+        let (mut p, mut ds) = (vec![0f32; R * kl], vec![0f32; R * kl]);
+        let mut dq = vec![0f32; groups * R * d];
+        let (mut dkt, mut dvt) = (vec![0f32; d * ld], vec![0f32; d * ld]);
+        for j0 in (0..mp).step_by(kb) {
+            let w = kb.min(mp - j0);
+            let valid = m.saturating_sub(j0).min(w);
+            for g in 0..groups {
+                let (qg, gg) = (&qs[g * R * d..][..R * d], &gs[g * R * d..][..R * d]);
+                rows_times_t(qg, (&kt, ld), j0, w, d, (&mut p, kl));
+                rows_times_t(gg, (&vt, ld), j0, w, d, (&mut ds, kl));
+                for r in 0..R {
+                    let (l, di) = (lse[g * R + r], dd[g * R + r]);
+                    let (pr, dr) = (&mut p[r * kl..][..w], &mut ds[r * kl..][..w]);
+                    for (pj, dj) in pr[..valid].iter_mut().zip(&mut dr[..valid]) {
+                        *pj = exp(*pj - l);
+                        *dj = *pj * (*dj - di);
+                    }
+                    pr[valid..].fill(0.0);
+                    dr[valid..].fill(0.0);
+                }
+                rows_dot_t((&ds, kl), (&kt, ld), j0, w, d, &mut dq[g * R * d..][..R * d]);
+                t_plus_rows((&mut dkt, ld), j0, w, d, qg, (&ds, kl));
+                t_plus_rows((&mut dvt, ld), j0, w, d, gg, (&p, kl));
+            }
+        }
+        dq.truncate(rows * d);
+        for x in &mut dq {
+            *x *= scale;
+        }
+        Part { dq, dkt, dvt }
+    }
+
+    /// `ln Σ_j e^{x_j}`, with one accumulator per lane (a plain `sum` would not vectorise).
+    #[target_feature(enable = "avx512f")]
+    fn log_sum_exp(x: &[f32]) -> f32 {
+        let (chunks, tail) = (x.chunks_exact(L), x.chunks_exact(L).remainder());
+        let mut lanes = [f32::NEG_INFINITY; L];
+        for chunk in chunks.clone() {
+            for l in 0..L {
+                lanes[l] = lanes[l].max(chunk[l]);
+            }
+        }
+        let max = tail.iter().chain(&lanes).fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let mut sums = [0f32; L];
+        for chunk in chunks {
+            for l in 0..L {
+                sums[l] += exp(chunk[l] - max);
+            }
+        }
+        max + (sums.iter().sum::<f32>() + tail.iter().map(|&t| exp(t - max)).sum::<f32>()).ln()
+    }
+
+    /// `out[r][j] = Σ_c a[r][c] · t[c][j0 + j]` for the `R` rows of `a` (`[R, d]`) and `j < w`
+    /// (`t` is `[d, ·]` and `out` `[R, ·]`, each with its row stride).
+    #[target_feature(enable = "avx512f")]
+    fn rows_times_t(
+        a: &[f32],
+        (t, ld): (&[f32], usize),
+        j0: usize,
+        w: usize,
+        d: usize,
+        (out, ol): (&mut [f32], usize),
+    ) {
+        assert!(a.len() >= R * d && t.len() >= d * ld && j0 + w <= ld && out.len() >= R * ol && w <= ol);
+        for jc in (0..w).step_by(L) {
+            let mut acc = [_mm512_setzero_ps(); R];
+            for c in 0..d {
+                let tv = unsafe { _mm512_loadu_ps(t.as_ptr().add(c * ld + j0 + jc)) };
+                for r in 0..R {
+                    acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(unsafe { *a.get_unchecked(r * d + c) }), tv, acc[r]);
+                }
+            }
+            for r in 0..R {
+                unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(r * ol + jc), acc[r]) };
+            }
+        }
+    }
+
+    /// `out[r][c] += Σ_j x[r][j] · t[c][j0 + j]` (`x` `[R, ·]`, `t` `[d, ·]`, `out` `[R, d]`).
+    #[target_feature(enable = "avx512f")]
+    fn rows_dot_t((x, xl): (&[f32], usize), (t, ld): (&[f32], usize), j0: usize, w: usize, d: usize, out: &mut [f32]) {
+        assert!(x.len() >= R * xl && w <= xl && t.len() >= d * ld && j0 + w <= ld && out.len() >= R * d);
+        for c in 0..d {
+            let mut acc = [_mm512_setzero_ps(); R];
+            for jc in (0..w).step_by(L) {
+                let tv = unsafe { _mm512_loadu_ps(t.as_ptr().add(c * ld + j0 + jc)) };
+                for r in 0..R {
+                    let xv = unsafe { _mm512_loadu_ps(x.as_ptr().add(r * xl + jc)) };
+                    acc[r] = _mm512_fmadd_ps(xv, tv, acc[r]);
+                }
+            }
+            for r in 0..R {
+                out[r * d + c] += _mm512_reduce_add_ps(acc[r]);
+            }
+        }
+    }
+
+    /// `t[c][j0 + j] += Σ_r a[r][c] · x[r][j]` (`a` `[R, d]`, `x` `[R, ·]`); eight channels at a
+    /// time, so that eight independent FMA chains hide the latency.
+    #[target_feature(enable = "avx512f")]
+    fn t_plus_rows((t, ld): (&mut [f32], usize), j0: usize, w: usize, d: usize, a: &[f32], (x, xl): (&[f32], usize)) {
+        const C: usize = 8;
+        assert!(a.len() >= R * d && t.len() >= d * ld && j0 + w <= ld && x.len() >= R * xl && w <= xl);
+        let a_at = |r: usize, c: usize| _mm512_set1_ps(unsafe { *a.get_unchecked(r * d + c) });
+        let base = t.as_mut_ptr();
+        for jc in (0..w).step_by(L) {
+            let xv: [__m512; R] = std::array::from_fn(|r| unsafe { _mm512_loadu_ps(x.as_ptr().add(r * xl + jc)) });
+            let at = |c: usize| unsafe { base.add(c * ld + j0 + jc) };
+            let mut c = 0;
+            while c + C <= d {
+                let mut acc: [__m512; C] = std::array::from_fn(|i| unsafe { _mm512_loadu_ps(at(c + i)) });
+                for r in 0..R {
+                    for i in 0..C {
+                        acc[i] = _mm512_fmadd_ps(a_at(r, c + i), xv[r], acc[i]);
+                    }
+                }
+                for i in 0..C {
+                    unsafe { _mm512_storeu_ps(at(c + i), acc[i]) };
+                }
+                c += C;
+            }
+            for c in c..d {
+                let mut acc = unsafe { _mm512_loadu_ps(at(c)) };
+                for r in 0..R {
+                    acc = _mm512_fmadd_ps(a_at(r, c), xv[r], acc);
+                }
+                unsafe { _mm512_storeu_ps(at(c), acc) };
+            }
+        }
     }
 }
 
@@ -115,12 +411,13 @@ mod tests {
     fn gradients_match_the_composition() -> candle_core::Result<()> {
         let dev = Device::Cpu;
         // The last case recomputes the scores one head at a time.
-        for (n, m) in [(37, 37), (50, 9), (1100, 1000)] {
-            let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, n, 8), &dev)?)?;
-            let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, m, 8), &dev)?)?;
-            let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, m, 8), &dev)?)?;
-            let w = Tensor::randn(0f32, 1.0, (2, 3, n, 8), &dev)?;
-            let scale = 8f64.powf(-0.5);
+        // Head widths 8, 40 and 13; key counts off the 16-lane grid; one head over several tasks.
+        for (b, h, n, m, d) in [(2, 3, 37, 37, 8), (2, 3, 50, 9, 8), (1, 2, 1100, 1000, 40), (1, 1, 300, 77, 13)] {
+            let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, h, n, d), &dev)?)?;
+            let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, h, m, d), &dev)?)?;
+            let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, h, m, d), &dev)?)?;
+            let w = Tensor::randn(0f32, 1.0, (b, h, n, d), &dev)?;
+            let scale = (d as f64).powf(-0.5);
             let ours = super::attention(&q, &k, &v, scale)?.expect("applies to tracked f32 CPU tensors");
             let p = candle_nn::ops::softmax(&(q.matmul(&k.t()?)? * scale)?, candle_core::D::Minus1)?;
             let plain = p.matmul(&v)?;
@@ -128,11 +425,18 @@ mod tests {
                 (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
             };
             assert!(max_abs(&ours, &plain)? < 1e-5);
-            let (g1, g2) = ((ours * &w)?.sum_all()?.backward()?, (plain * &w)?.sum_all()?.backward()?);
+            let (g1, g2) = ((&ours * &w)?.sum_all()?.backward()?, (plain * &w)?.sum_all()?.backward()?);
             for var in [&q, &k, &v] {
                 let (a, b) = (g1.get(var).expect("gradient"), g2.get(var).expect("gradient"));
                 let err = max_abs(a, b)?;
-                assert!(err < 1e-5, "n {n} m {m}: {err}");
+                assert!(err < 1e-5, "n {n} m {m} d {d}: {err}");
+            }
+            // The candle-op fallback (CPUs without AVX-512) against the same composition.
+            let out = ours.detach();
+            let (gq, gk, gv) = super::composed_backward(&q, &k, &v, &out, &w, scale)?;
+            for (var, g) in [(&q, gq), (&k, gk), (&v, gv)] {
+                let err = max_abs(&g.expect("gradient"), g2.get(var).expect("gradient"))?;
+                assert!(err < 1e-5, "fallback n {n} m {m} d {d}: {err}");
             }
         }
         Ok(())
