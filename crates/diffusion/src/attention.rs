@@ -260,7 +260,10 @@ impl Transformer2DModel {
                     None => to_tokens(&conv.forward(&normed)?)?,
                 }
             }
-            Projection::Conv(conv) => to_tokens(&conv.forward(&normed)?)?,
+            Projection::Conv(conv) => match conv.forward_tokens(&to_tokens(&normed)?)? {
+                Some(t) => t,
+                None => to_tokens(&conv.forward(&normed)?)?,
+            },
             Projection::Linear(lin) => lin.forward(&to_tokens(&normed)?)?,
         };
         for block in &self.transformer_blocks {
@@ -277,7 +280,10 @@ impl Transformer2DModel {
                     None => conv.forward(&to_map(&tokens)?)?,
                 }
             }
-            Projection::Conv(conv) => conv.forward(&to_map(&tokens)?)?,
+            Projection::Conv(conv) => match conv.forward_tokens(&tokens)? {
+                Some(t) => to_map(&t)?,
+                None => conv.forward(&to_map(&tokens)?)?,
+            },
             Projection::Linear(lin) => to_map(&lin.forward(&tokens)?)?,
         };
         out + x

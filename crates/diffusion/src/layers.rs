@@ -17,6 +17,37 @@ use candle_nn::VarBuilder;
 pub trait Adapter: Send + Sync + std::fmt::Debug {
     /// The term to add to the wrapped layer's output for input `x`.
     fn forward(&self, x: &Tensor) -> Result<Tensor>;
+
+    /// The term as `scale · up · down` over the layer's input features, when it is one
+    /// (linear layers and 1×1 convolutions): a trained one then runs fused with its layer.
+    fn low_rank(&self) -> Option<LowRank> {
+        None
+    }
+}
+
+/// A low-rank term `scale · up · down`: `down` `[r, in]`, `up` `[out, r]`.
+#[derive(Debug, Clone)]
+pub struct LowRank {
+    pub down: Tensor,
+    pub up: Tensor,
+    pub scale: f64,
+}
+
+/// The layer and its only adapter as one op with its own backward when that adapter is a
+/// low-rank term being trained (see [`crate::cpu::low_rank`]).
+fn fused_low_rank(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    adapters: &[Arc<dyn Adapter>],
+) -> Result<Option<Tensor>> {
+    match adapters {
+        [adapter] => match adapter.low_rank() {
+            Some(lr) => crate::cpu::low_rank::linear(x, weight, bias, &lr.down, &lr.up, lr.scale),
+            None => Ok(None),
+        },
+        _ => Ok(None),
+    }
 }
 
 /// `y = x Wᵀ + b`, plus the attached adapters.
@@ -73,6 +104,9 @@ impl Module for Linear {
         // input here; copying costs nothing for the usual contiguous input.
         let _p = crate::cpu::profile::scope_flops("linear", 2.0 * (x.elem_count() * self.weight().dim(0)?) as f64);
         let x = &x.contiguous()?;
+        if let Some(y) = fused_low_rank(x, self.weight(), self.bias(), &self.adapters)? {
+            return Ok(y);
+        }
         if let Some(y) = frozen(x, self.weight(), self.bias(), || Frozen::Linear)? {
             return add_adapters(y, x, &self.adapters);
         }
@@ -158,6 +192,18 @@ impl Conv2d {
 
     pub fn adapters(&self) -> &[Arc<dyn Adapter>] {
         &self.adapters
+    }
+
+    /// A 1×1 convolution applied to the `[…, C_in]` tokens of a map, returning `[…, C_out]`
+    /// tokens, when its only adapter is a low-rank term being trained; `None` otherwise.
+    pub fn forward_tokens(&self, tokens: &Tensor) -> Result<Option<Tensor>> {
+        let cfg = self.config();
+        let pointwise = self.weight().dims().get(2..) == Some(&[1, 1][..]) && cfg.stride == 1 && cfg.padding == 0;
+        if !pointwise || cfg.groups != 1 {
+            return Ok(None);
+        }
+        let weight = self.weight().reshape((self.weight().dim(0)?, self.weight().dim(1)?))?;
+        fused_low_rank(tokens, &weight, self.bias(), &self.adapters)
     }
 }
 

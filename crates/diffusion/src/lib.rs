@@ -37,7 +37,7 @@ mod load;
 
 pub use clip::{CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection};
 pub use error::{DiffusionError, Result, ShapeMismatch};
-pub use layers::{Adapter, LayerMut, VisitLayers};
+pub use layers::{Adapter, LayerMut, LowRank, VisitLayers};
 pub use load::{load_unet, load_vae};
 pub use noise::SeededNoise;
 pub use prompt::{ExtraNetwork, PromptChunk, PromptPart};

@@ -5,7 +5,7 @@
 
 use candle_core::{Result, Tensor};
 use candle_nn::Conv2dConfig;
-use easyphoto_diffusion::Adapter;
+use easyphoto_diffusion::{Adapter, LowRank};
 
 /// A LoRA branch on a Linear (`down [r, in]`, `up [out, r]`) or a Conv2d (`down [r, in, kh, kw]`
 /// with the layer's stride and padding, `up [out, r, 1, 1]`).
@@ -44,5 +44,18 @@ impl Adapter for LoraAdapter {
             Some(c) => x.conv2d(&self.down, c.padding, c.stride, c.dilation, c.groups)?.conv2d(&self.up, 0, 1, 1, 1)?,
         };
         h.affine(self.scale, 0.0)?.to_dtype(dtype)
+    }
+
+    fn low_rank(&self) -> Option<LowRank> {
+        let (down, up) = match &self.conv {
+            None => (self.down.clone(), self.up.clone()),
+            // A 1×1 convolution is a linear map of the channels.
+            Some(c) if c.stride == 1 && c.padding == 0 && c.groups == 1 && matches!(self.down.dims(), [_, _, 1, 1]) => {
+                let (r, inp, out) = (self.down.dim(0).ok()?, self.down.dim(1).ok()?, self.up.dim(0).ok()?);
+                (self.down.reshape((r, inp)).ok()?, self.up.reshape((out, r)).ok()?)
+            }
+            Some(_) => return None,
+        };
+        Some(LowRank { down, up, scale: self.scale })
     }
 }

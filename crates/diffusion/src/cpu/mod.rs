@@ -36,6 +36,7 @@ mod gemm;
 pub mod layer_norm;
 pub mod linear;
 pub mod linear_rows;
+pub mod low_rank;
 pub mod norm;
 pub mod pointwise;
 pub mod profile;

@@ -1,0 +1,312 @@
+//! A frozen linear layer with one trainable low-rank term (a LoRA being trained),
+//! `y = x (W + s·U·D)ᵀ + b`, as one op with its own backward.
+//!
+//! Composed from candle ops the term costs a dozen tensors per layer (two products, their
+//! transposes, a scale, a sum, and in the backward the broadcast reductions and gradient
+//! accumulations), most of them single-threaded. Here the forward and the backward are five or
+//! six matrix products on the CPU kernels' gemm. With `H = x Dᵀ` kept from the forward and the
+//! output gradient `G`:
+//! `dU = s·Gᵀ·H`, `dD = s·(G·U)ᵀ·x`, `dx = G·(W + s·U·D)`.
+//! When there are more rows than `2·in·out / (in + out)`, the product `W + s·U·D` is formed
+//! once per pass (forward and input gradient each take one product instead of two); otherwise
+//! the two terms stay apart.
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+
+use super::{Weights, f32_data, gemm::sgemm, on_cpu, profile, threads};
+
+/// `x (W + scale·up·down)ᵀ + b` for `x` `[…, in]`, a frozen `weight` `[out, in]` (f32, f16 or
+/// bf16) and `bias` `[out]`, and f32 `down` `[r, in]`, `up` `[out, r]`, when a gradient flows
+/// through `x`, `down` or `up` (all on the CPU, `x` f32); `None` otherwise.
+pub fn linear(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    down: &Tensor,
+    up: &Tensor,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    let tracked = x.track_op() || down.track_op() || up.track_op();
+    let frozen = !weight.track_op() && !bias.is_some_and(|b| b.track_op());
+    let mut args = vec![x, weight, down, up];
+    args.extend(bias);
+    if !tracked || !frozen || !on_cpu(&args) || [x.dtype(), down.dtype(), up.dtype()] != [DType::F32; 3] {
+        return Ok(None);
+    }
+    let (Ok((out, inp)), Ok((r, din)), Ok((uout, ur))) = (weight.dims2(), down.dims2(), up.dims2()) else {
+        return Ok(None);
+    };
+    let f32_weight = matches!(weight.dtype(), DType::F32 | DType::F16 | DType::BF16);
+    if !f32_weight || x.dim(candle_core::D::Minus1)? != inp || din != inp || (uout, ur) != (out, r) {
+        return Ok(None);
+    }
+    if bias.is_some_and(|b| b.dims() != [out]) {
+        return Ok(None);
+    }
+    let _p = profile::scope_flops("linear+low-rank", 2.0 * (x.elem_count() / inp * (inp * out + inp * r)) as f64);
+    let op = LowRankOp {
+        weight: weight.contiguous()?,
+        bias: bias.map(|b| b.to_dtype(DType::F32)).transpose()?,
+        scale: scale as f32,
+        hidden: Mutex::new(None),
+    };
+    Ok(Some(x.contiguous()?.apply_op3(&down.contiguous()?, &up.contiguous()?, op)?))
+}
+
+#[derive(Debug)]
+struct LowRankOp {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    scale: f32,
+    /// `H = x Dᵀ` from the forward, for `dU`.
+    hidden: Mutex<Option<Vec<f32>>>,
+}
+
+/// Whether `W + s·U·D` is worth forming for `rows` rows of an `inp → out` layer.
+fn merge(rows: usize, inp: usize, out: usize) -> bool {
+    rows * (inp + out) > 2 * inp * out
+}
+
+/// `scale · m` for a small matrix.
+fn scaled(m: &[f32], scale: f32) -> Vec<f32> {
+    m.iter().map(|v| v * scale).collect()
+}
+
+/// Calls `f` with the contiguous f32 data of `t` (a tensor on the CPU).
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(s) => f(f32_data(s, layout)?),
+        _ => candle_core::bail!("linear+low-rank: expected a CPU tensor"),
+    }
+}
+
+impl LowRankOp {
+    /// The frozen weight as f32 `[out, in]`, plus `s·U·D` when `merged`.
+    fn effective_weight(
+        &self,
+        up: &[f32],
+        down: &[f32],
+        (out, inp, r): (usize, usize, usize),
+        merged: bool,
+    ) -> Result<Vec<f32>> {
+        let (storage, layout) = self.weight.storage_and_layout();
+        let candle_core::Storage::Cpu(s) = &*storage else {
+            candle_core::bail!("linear+low-rank: weight not on the CPU")
+        };
+        let mut w = Weights::of(s, layout)?.to_f32().into_owned();
+        if merged {
+            let us = scaled(up, self.scale);
+            // SAFETY: `us` is [out, r], `down` [r, in], `w` [out, in].
+            unsafe {
+                sgemm((out, inp, r), w.as_mut_ptr(), inp, true, (us.as_ptr(), r, 1), (down.as_ptr(), inp, 1), threads())
+            };
+        }
+        Ok(w)
+    }
+}
+
+impl CustomOp3 for LowRankOp {
+    fn name(&self) -> &'static str {
+        "easyphoto-linear-low-rank"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ds: &CpuStorage,
+        dl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, down, up) = (f32_data(xs, xl)?, f32_data(ds, dl)?, f32_data(us, ul)?);
+        let ((r, inp), (out, _)) = (dl.shape().dims2()?, ul.shape().dims2()?);
+        let rows = x.len() / inp.max(1);
+        let th = threads();
+        let mut y = match &self.bias {
+            Some(b) => with_f32(b, |b| Ok(b.repeat(rows)))?,
+            None => vec![0f32; rows * out],
+        };
+        let mut h = vec![0f32; rows * r];
+        let merged = merge(rows, inp, out);
+        let w = self.effective_weight(up, down, (out, inp, r), merged)?;
+        // SAFETY (all products): each buffer holds the rows × columns its strides address.
+        unsafe {
+            sgemm((rows, r, inp), h.as_mut_ptr(), r, false, (x.as_ptr(), inp, 1), (down.as_ptr(), 1, inp), th);
+            sgemm((rows, out, inp), y.as_mut_ptr(), out, true, (x.as_ptr(), inp, 1), (w.as_ptr(), 1, inp), th);
+            if !merged {
+                let us = scaled(up, self.scale);
+                sgemm((rows, out, r), y.as_mut_ptr(), out, true, (h.as_ptr(), r, 1), (us.as_ptr(), 1, r), th);
+            }
+        }
+        *self.hidden.lock().unwrap_or_else(|e| e.into_inner()) = Some(h);
+        let mut dims = xl.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = out;
+        }
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        down: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _p = profile::scope("linear+low-rank backward");
+        let ((r, inp), (out, _)) = (down.dims2()?, up.dims2()?);
+        let rows = x.elem_count() / inp.max(1);
+        let th = threads();
+        let grad = grad.detach().to_dtype(DType::F32)?.contiguous()?;
+        let saved = self.hidden.lock().unwrap_or_else(|e| e.into_inner()).take();
+        with_f32(x, |xd| {
+            with_f32(down, |dd| {
+                with_f32(up, |ud| {
+                    with_f32(&grad, |g| {
+                        let h = match saved {
+                            Some(h) => h,
+                            None => {
+                                let mut h = vec![0f32; rows * r];
+                                // SAFETY: as in the forward.
+                                unsafe {
+                                    sgemm(
+                                        (rows, r, inp),
+                                        h.as_mut_ptr(),
+                                        r,
+                                        false,
+                                        (xd.as_ptr(), inp, 1),
+                                        (dd.as_ptr(), 1, inp),
+                                        th,
+                                    )
+                                };
+                                h
+                            }
+                        };
+                        // SAFETY (all products): each buffer holds what its strides address.
+                        let (mut gu, mut du, mut dd_out) =
+                            (vec![0f32; rows * r], vec![0f32; out * r], vec![0f32; r * inp]);
+                        unsafe {
+                            // s·G·U, then dD = (s·G·U)ᵀ·x and dU = Gᵀ·H (scaled below).
+                            sgemm(
+                                (rows, r, out),
+                                gu.as_mut_ptr(),
+                                r,
+                                false,
+                                (g.as_ptr(), out, 1),
+                                (ud.as_ptr(), r, 1),
+                                th,
+                            );
+                            gu.iter_mut().for_each(|v| *v *= self.scale);
+                            sgemm(
+                                (r, inp, rows),
+                                dd_out.as_mut_ptr(),
+                                inp,
+                                false,
+                                (gu.as_ptr(), 1, r),
+                                (xd.as_ptr(), inp, 1),
+                                th,
+                            );
+                            sgemm(
+                                (out, r, rows),
+                                du.as_mut_ptr(),
+                                r,
+                                false,
+                                (g.as_ptr(), 1, out),
+                                (h.as_ptr(), r, 1),
+                                th,
+                            );
+                        }
+                        du.iter_mut().for_each(|v| *v *= self.scale);
+                        let dx = if x.track_op() {
+                            let merged = merge(rows, inp, out);
+                            let w = self.effective_weight(ud, dd, (out, inp, r), merged)?;
+                            let mut dx = vec![0f32; rows * inp];
+                            unsafe {
+                                sgemm(
+                                    (rows, inp, out),
+                                    dx.as_mut_ptr(),
+                                    inp,
+                                    false,
+                                    (g.as_ptr(), out, 1),
+                                    (w.as_ptr(), inp, 1),
+                                    th,
+                                );
+                                if !merged {
+                                    sgemm(
+                                        (rows, inp, r),
+                                        dx.as_mut_ptr(),
+                                        inp,
+                                        true,
+                                        (gu.as_ptr(), r, 1),
+                                        (dd.as_ptr(), inp, 1),
+                                        th,
+                                    );
+                                }
+                            }
+                            Some(Tensor::from_vec(dx, x.shape(), x.device())?)
+                        } else {
+                            None
+                        };
+                        Ok((
+                            dx,
+                            Some(Tensor::from_vec(dd_out, (r, inp), down.device())?),
+                            Some(Tensor::from_vec(du, (out, r), up.device())?),
+                        ))
+                    })
+                })
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor, Var};
+
+    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    /// Output and gradients against candle's composition, with the product formed (many rows)
+    /// and kept apart (few rows), for tracked and untracked inputs and half weights.
+    #[test]
+    fn matches_the_composition() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        for (rows, inp, out, r, track_x, dtype) in [
+            (300, 24, 40, 8, true, DType::F32),
+            (5, 48, 32, 16, true, DType::F32),
+            (77, 64, 16, 4, false, DType::F32),
+            (200, 16, 24, 8, true, DType::F16),
+        ] {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, rows, inp), &dev)?)?;
+            let down = Var::from_tensor(&Tensor::randn(0f32, 0.3, (r, inp), &dev)?)?;
+            let up = Var::from_tensor(&Tensor::randn(0f32, 0.3, (out, r), &dev)?)?;
+            let w = Tensor::randn(0f32, 0.3, (out, inp), &dev)?.to_dtype(dtype)?;
+            let b = Tensor::randn(0f32, 1.0, out, &dev)?;
+            let wt = Tensor::randn(0f32, 1.0, (2, rows, out), &dev)?;
+            let xin = if track_x { x.as_tensor().clone() } else { x.as_tensor().detach() };
+            let ours = super::linear(&xin, &w, Some(&b), &down, &up, 0.7)?.expect("applies");
+            let w32 = w.to_dtype(DType::F32)?;
+            let plain = (xin.broadcast_matmul(&w32.t()?)?.broadcast_add(&b)?
+                + (xin.broadcast_matmul(&down.t()?)?.broadcast_matmul(&up.t()?)? * 0.7)?)?;
+            assert!(max_abs(&ours, &plain) < 1e-4, "forward {rows}x{inp}->{out}");
+            let (g1, g2) = ((&ours * &wt)?.sum_all()?.backward()?, (&plain * &wt)?.sum_all()?.backward()?);
+            for (name, var) in [("down", &down), ("up", &up), ("x", &x)] {
+                match (g1.get(var), g2.get(var)) {
+                    (Some(a), Some(b)) => {
+                        let err = max_abs(a, b);
+                        assert!(err < 1e-3, "{name} {rows}x{inp}->{out}: {err}");
+                    }
+                    (None, None) => assert!(!track_x && name == "x"),
+                    _ => panic!("{name}: a gradient on one side only"),
+                }
+            }
+        }
+        Ok(())
+    }
+}
