@@ -460,8 +460,9 @@ impl<T: VisitLayers> VisitLayers for Vec<T> {
     }
 }
 
-/// Layer normalisation over the last dimension. Uses candle's fused kernel for inference, and a
-/// composition with a backward pass when gradients are tracked (the fused one has none).
+/// Layer normalisation over the last dimension. Uses candle's fused kernel for inference, an op
+/// with its own input gradient when only the input is tracked (LoRA training), and candle's
+/// differentiable composition otherwise (the fused kernel has no backward).
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     weight: Tensor,
@@ -492,6 +493,9 @@ impl Module for LayerNorm {
         let _p = crate::cpu::profile::scope("layer_norm");
         if !x.track_op() && !self.weight.track_op() {
             return candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32);
+        }
+        if let Some(y) = crate::cpu::norm_backward::layer_norm(x, &self.weight, &self.bias, self.eps)? {
+            return Ok(y);
         }
         let dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?;

@@ -237,6 +237,63 @@ fn geglu_matches_composition() {
 }
 
 #[test]
+fn geglu_gradient_matches_composition() {
+    // Gates across the erf approximation's clamp at ±4·√2 and around zero.
+    let h = Var::from_tensor(&(randn(&[2, 37, 2 * 72], 41) * 3.0).unwrap()).unwrap();
+    let w = randn(&[2, 37, 72], 42);
+    let got = cpu::geglu::geglu(h.as_tensor()).unwrap();
+    let (x, gate) = (h.narrow(D::Minus1, 0, 72).unwrap(), h.narrow(D::Minus1, 72, 72).unwrap());
+    let want = (x * gate.gelu_erf().unwrap()).unwrap();
+    assert!(rel_err(&got, &want) < 1e-5);
+    let grad = |y: Tensor| (y * &w).unwrap().sum_all().unwrap().backward().unwrap().remove(h.as_tensor()).unwrap();
+    let err = rel_err(&grad(got), &grad(want));
+    assert!(err < 1e-5, "geglu gradient rel err {err}");
+}
+
+#[test]
+fn norm_gradients_match_composition() {
+    // Group norm (alone and with SiLU) and layer norm with frozen affines, on inputs whose mean
+    // is far from zero, against candle's differentiable compositions.
+    let dev = Device::Cpu;
+    let x = Var::from_tensor(&randn(&[2, 12, 9, 7], 43).affine(2.0, 3.0).unwrap()).unwrap();
+    let w = randn(&[2, 12, 9, 7], 44);
+    let grad = |y: Tensor| (y * &w).unwrap().sum_all().unwrap().backward().unwrap().remove(x.as_tensor()).unwrap();
+    let (gamma, beta) = (randn(&[12], 45), randn(&[12], 46));
+    let weights = [("weight".to_string(), gamma.clone()), ("bias".to_string(), beta.clone())];
+    let vb = candle_nn::VarBuilder::from_tensors(weights.into_iter().collect(), DType::F32, &dev);
+    let gn = cpu::norm::GroupNorm::new(vb, 3, 12, 1e-6).unwrap();
+    for act in [None, Some(easyphoto_diffusion::layers::Activation::Silu)] {
+        let got = gn.forward_act(x.as_tensor(), act).unwrap();
+        let plain = candle_nn::GroupNorm::new(gamma.clone(), beta.clone(), 12, 3, 1e-6).unwrap();
+        let mut want = plain.forward(x.as_tensor()).unwrap();
+        if act.is_some() {
+            want = want.silu().unwrap();
+        }
+        assert!(rel_err(&got, &want) < 1e-5, "group norm {act:?}");
+        let err = rel_err(&grad(got), &grad(want));
+        assert!(err < 1e-4, "group norm {act:?} gradient rel err {err}");
+    }
+    let weights = [("weight".to_string(), randn(&[7], 47)), ("bias".to_string(), randn(&[7], 48))];
+    let vb = candle_nn::VarBuilder::from_tensors(weights.into_iter().collect(), DType::F32, &dev);
+    let ln = easyphoto_diffusion::layers::LayerNorm::new(vb, 7, 1e-5).unwrap();
+    let got = ln.forward(x.as_tensor()).unwrap();
+    let xs = x.as_tensor();
+    let mean = xs.mean_keepdim(D::Minus1).unwrap();
+    let centred = xs.broadcast_sub(&mean).unwrap();
+    let var = centred.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+    let want = centred
+        .broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+        .unwrap()
+        .broadcast_mul(ln.weight())
+        .unwrap()
+        .broadcast_add(ln.bias())
+        .unwrap();
+    assert!(rel_err(&got, &want) < 1e-5, "layer norm");
+    let err = rel_err(&grad(got), &grad(want));
+    assert!(err < 1e-4, "layer norm gradient rel err {err}");
+}
+
+#[test]
 fn tracked_inputs_fall_back_and_keep_their_gradients() {
     // With a tracked input every dispatcher must use the differentiable composition.
     let x = Var::from_tensor(&randn(&[1, 4, 6, 6], 50)).unwrap();

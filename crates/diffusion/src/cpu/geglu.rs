@@ -1,21 +1,23 @@
 //! GEGLU: `h[…, :I] · gelu(h[…, I:])` of the `2I`-wide projection, in one pass (candle's
-//! composition makes two strided views, a gelu tensor and a product tensor).
+//! composition makes two strided views, a gelu tensor and a product tensor), with its own
+//! backward for training (candle's erf-gelu backward is a chain of single-threaded ops).
 
 use std::mem::MaybeUninit;
 
 use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::simd::{gelu_erf, multiversion};
-use super::{f32_data, inference, profile};
+use super::simd::{erf, exp, gelu_erf, multiversion};
+use super::{f32_data, inference, on_cpu, profile};
 use rayon::iter::{IntoParallelIterator, ParallelIterator};
 
 /// GEGLU of `h` `[…, 2I]` to `[…, I]`, with the exact (erf) gelu.
 pub fn geglu(h: &Tensor) -> Result<Tensor> {
     let _p = profile::scope("geglu");
     let half = h.dim(D::Minus1)? / 2;
-    if inference(&[h]) && h.dtype() == DType::F32 && h.dim(D::Minus1)? % 2 == 0 {
-        return h.contiguous()?.apply_op1_no_bwd(&GegluOp);
+    if on_cpu(&[h]) && h.dtype() == DType::F32 && h.dim(D::Minus1)? % 2 == 0 {
+        let h = h.contiguous()?;
+        return if inference(&[&h]) { h.apply_op1_no_bwd(&GegluOp) } else { h.apply_op1(GegluOp) };
     }
     let (x, gate) = (h.narrow(D::Minus1, 0, half)?, h.narrow(D::Minus1, half, half)?);
     x * gate.gelu_erf()?
@@ -56,6 +58,61 @@ impl CustomOp1 for GegluOp {
         // of `2 · half` values); with `half == 0` the output is empty.
         unsafe { out.set_len(len) };
         Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+
+    fn bwd(&self, h: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let _p = profile::scope("geglu backward");
+        Ok(Some(h.apply_op2_no_bwd(&grad.detach().contiguous()?, &GegluBackward)?))
+    }
+}
+
+/// The gradient of [`GegluOp`] with respect to its input `h` `[…, 2I]`, from `h` and the
+/// output gradient `[…, I]`: `[g · gelu(gate), g · x · gelu'(gate)]`.
+struct GegluBackward;
+
+impl candle_core::CustomOp2 for GegluBackward {
+    fn name(&self) -> &'static str {
+        "easyphoto-geglu-backward"
+    }
+
+    fn cpu_fwd(&self, hs: &CpuStorage, hl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (h, g) = (f32_data(hs, hl)?, f32_data(gs, gl)?);
+        let half = gl.dims().last().copied().unwrap_or(0);
+        if h.len() != 2 * g.len() {
+            candle_core::bail!("geglu backward: input {:?} against gradient {:?}", hl.dims(), gl.dims())
+        }
+        let mut out = Vec::with_capacity(h.len());
+        if let Some(rows) = 16384usize.checked_div(half) {
+            let rows = rows.max(1);
+            out.spare_capacity_mut()[..h.len()]
+                .par_chunks_mut(rows * 2 * half)
+                .zip(h.par_chunks(rows * 2 * half).zip(g.par_chunks(rows * half)))
+                .for_each(|(dst, (src, grad))| {
+                    for ((d, s), g) in
+                        dst.chunks_exact_mut(2 * half).zip(src.chunks_exact(2 * half)).zip(grad.chunks_exact(half))
+                    {
+                        row_backward(d, s, g);
+                    }
+                });
+        }
+        // SAFETY: every row of the gradient was written.
+        unsafe { out.set_len(h.len()) };
+        Ok((CpuStorage::F32(out), hl.shape().clone()))
+    }
+}
+
+multiversion! {
+    /// One row of [`GegluBackward`]: `dst` and `src` are `[x | gate]`, `grad` the output's.
+    fn row_backward(dst: &mut [MaybeUninit<f32>], src: &[f32], grad: &[f32]) {
+        const INV_SQRT_2PI: f32 = 0.398_942_3;
+        let (x, gate) = src.split_at(grad.len());
+        let (dx, dgate) = dst.split_at_mut(grad.len());
+        for ((((dx, dg), &x), &t), &g) in dx.iter_mut().zip(dgate).zip(x).zip(gate).zip(grad) {
+            let cdf = 0.5 * (1.0 + erf(t * std::f32::consts::FRAC_1_SQRT_2));
+            let pdf = exp(-0.5 * t * t) * INV_SQRT_2PI;
+            dx.write(g * t * cdf);
+            dg.write(g * x * (cdf + t * pdf));
+        }
     }
 }
 

@@ -38,6 +38,7 @@ pub mod linear;
 pub mod linear_rows;
 pub mod low_rank;
 pub mod norm;
+pub mod norm_backward;
 pub mod pointwise;
 pub mod profile;
 mod simd;

@@ -10,7 +10,7 @@ use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use super::simd::{multiversion, silu};
-use super::{f32_data, inference, profile};
+use super::{f32_data, on_cpu, profile};
 use crate::layers::Activation;
 
 /// diffusers `nn.GroupNorm` (affine): loads `weight` and `bias` `[channels]` like
@@ -38,14 +38,22 @@ impl GroupNorm {
         let silu = act == Some(Activation::Silu);
         let _p = profile::scope(if silu { "group_norm+silu" } else { "group_norm" });
         let channels = self.weight.dim(0)?;
-        if inference(&[x, &self.weight, &self.bias])
+        let frozen = !self.weight.track_op() && !self.bias.track_op();
+        if on_cpu(&[x, &self.weight, &self.bias])
+            && frozen
             && [x.dtype(), self.weight.dtype(), self.bias.dtype()] == [DType::F32; 3]
             && x.rank() >= 3
             && x.dim(1)? == channels
             && (act.is_none() || silu)
         {
             let op = GroupNormOp { groups: self.groups, eps: self.eps, silu };
-            return x.contiguous()?.apply_op3_no_bwd(&self.weight, &self.bias, &op);
+            let x = x.contiguous()?;
+            // With a gradient to the input (LoRA training), the op's own backward.
+            return if x.track_op() {
+                x.apply_op3(&self.weight, &self.bias, op)
+            } else {
+                x.apply_op3_no_bwd(&self.weight, &self.bias, &op)
+            };
         }
         let gn = candle_nn::GroupNorm::new(self.weight.clone(), self.bias.clone(), channels, self.groups, self.eps)?;
         let y = gn.forward(x)?;
@@ -110,6 +118,19 @@ impl CustomOp3 for GroupNormOp {
         let _ = b;
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // Applied with a backward only when the affine parameters are frozen.
+        let dx = super::norm_backward::group_norm_grad(x, grad, weight, bias, self.groups, self.eps, self.silu)?;
+        Ok((Some(dx), None, None))
+    }
 }
 
 multiversion! {
@@ -137,7 +158,7 @@ multiversion! {
 /// the first values (so that the variance does not cancel), 16 f32 lanes per 4096-value block,
 /// blocks added in f64.
 #[inline(always)]
-fn moments(x: &[f32]) -> (f32, f32) {
+pub(super) fn moments(x: &[f32]) -> (f32, f32) {
     if x.is_empty() {
         return (0.0, 0.0);
     }
