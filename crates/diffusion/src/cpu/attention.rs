@@ -98,7 +98,7 @@ impl Strided {
 
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)] // register tiles index several arrays by row and vector
-mod x86 {
+pub(super) mod x86 {
     use std::arch::x86_64::*;
     use std::cell::RefCell;
 
@@ -395,7 +395,7 @@ mod x86 {
     /// # Safety
     /// AVX-512F.
     #[inline(always)]
-    unsafe fn exp2(x: __m512) -> __m512 {
+    pub(in crate::cpu) unsafe fn exp2(x: __m512) -> __m512 {
         unsafe {
             let normal = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(-126.0));
             let x = _mm512_max_ps(x, _mm512_set1_ps(-126.0));

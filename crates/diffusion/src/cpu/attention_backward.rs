@@ -157,7 +157,9 @@ mod x86 {
     use rayon::prelude::*;
 
     use super::Dims;
-    use crate::cpu::simd::exp;
+    use std::f32::consts::{LN_2, LOG2_E};
+
+    use crate::cpu::attention::x86::exp2;
 
     /// Queries per register tile.
     const R: usize = 8;
@@ -198,11 +200,12 @@ mod x86 {
             dq.extend_from_slice(&part.dq);
             let bh = t / splits;
             let ld = part.dkt.len() / d.max(1);
-            for (dst, src) in [(&mut dk, &part.dkt), (&mut dv, &part.dvt)] {
+            // dK was accumulated against the base-2 queries.
+            for (dst, src, f) in [(&mut dk, &part.dkt, LN_2), (&mut dv, &part.dvt, 1.0)] {
                 let dst = &mut dst[bh * m * d..][..m * d];
                 for (j, row) in dst.chunks_exact_mut(d).enumerate() {
                     for (c, x) in row.iter_mut().enumerate() {
-                        *x += src[c * ld + j];
+                        *x += f * src[c * ld + j];
                     }
                 }
             }
@@ -247,11 +250,12 @@ mod x86 {
         };
         let (kt, vt) = (transpose(k), transpose(v));
         // Rows padded to whole tiles with zeros (a zero query with a zero gradient adds nothing).
+        // Queries are pre-scaled by `scale · log2 e`, so that scores are in base 2.
         let groups = rows.div_ceil(R);
         let mut qs = vec![0f32; groups * R * d];
         let mut gs = vec![0f32; groups * R * d];
         for (dst, &x) in qs.iter_mut().zip(io.q) {
-            *dst = x * scale;
+            *dst = x * scale * LOG2_E;
         }
         gs[..rows * d].copy_from_slice(io.go);
         // D_i = dO_i · O_i.
@@ -259,13 +263,13 @@ mod x86 {
         for (i, x) in dd.iter_mut().take(rows).enumerate() {
             *x = (0..d).map(|c| io.go[i * d + c] * io.o[i * d + c]).sum();
         }
-        // Each query's log-sum-exp over all keys.
+        // Each query's log-sum-exp (base 2) over all keys.
         let mut lse = vec![0f32; groups * R];
         let mut s = vec![0f32; R * ld];
         for g in 0..groups {
             rows_times_t(&qs[g * R * d..], (&kt, ld), 0, mp, d, (&mut s, ld));
             for r in 0..R {
-                lse[g * R + r] = log_sum_exp(&s[r * ld..][..m]);
+                lse[g * R + r] = log2_sum_exp2(&s[r * ld..][..m]);
             }
         }
         let kb = ((16384 / d.max(1)) / L * L).clamp(L, 512).min(mp);
@@ -282,13 +286,7 @@ mod x86 {
                 rows_times_t(gg, (&vt, ld), j0, w, d, (&mut ds, kl));
                 for r in 0..R {
                     let (l, di) = (lse[g * R + r], dd[g * R + r]);
-                    let (pr, dr) = (&mut p[r * kl..][..w], &mut ds[r * kl..][..w]);
-                    for (pj, dj) in pr[..valid].iter_mut().zip(&mut dr[..valid]) {
-                        *pj = exp(*pj - l);
-                        *dj = *pj * (*dj - di);
-                    }
-                    pr[valid..].fill(0.0);
-                    dr[valid..].fill(0.0);
+                    probabilities(&mut p[r * kl..][..w], &mut ds[r * kl..][..w], valid, l, di);
                 }
                 rows_dot_t((&ds, kl), (&kt, ld), j0, w, d, &mut dq[g * R * d..][..R * d]);
                 t_plus_rows((&mut dkt, ld), j0, w, d, qg, (&ds, kl));
@@ -302,24 +300,40 @@ mod x86 {
         Part { dq, dkt, dvt }
     }
 
-    /// `ln Σ_j e^{x_j}`, with one accumulator per lane (a plain `sum` would not vectorise).
+    /// `log2 Σ_j 2^{x_j}`.
     #[target_feature(enable = "avx512f")]
-    fn log_sum_exp(x: &[f32]) -> f32 {
-        let (chunks, tail) = (x.chunks_exact(L), x.chunks_exact(L).remainder());
-        let mut lanes = [f32::NEG_INFINITY; L];
-        for chunk in chunks.clone() {
-            for l in 0..L {
-                lanes[l] = lanes[l].max(chunk[l]);
+    fn log2_sum_exp2(x: &[f32]) -> f32 {
+        let lanes = |j: usize| (!0u16).checked_shr((j + L).saturating_sub(x.len()) as u32).unwrap_or(0);
+        let load =
+            |j: usize, fill: f32| unsafe { _mm512_mask_loadu_ps(_mm512_set1_ps(fill), lanes(j), x.as_ptr().add(j)) };
+        let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
+        for j in (0..x.len()).step_by(L) {
+            mx = _mm512_max_ps(mx, load(j, f32::NEG_INFINITY));
+        }
+        let max = _mm512_reduce_max_ps(mx);
+        let (mv, mut sum) = (_mm512_set1_ps(max), _mm512_setzero_ps());
+        for j in (0..x.len()).step_by(L) {
+            // Masked-off lanes hold -inf, whose power of two is exactly 0.
+            sum = _mm512_add_ps(sum, unsafe { exp2(_mm512_sub_ps(load(j, f32::NEG_INFINITY), mv)) });
+        }
+        max + _mm512_reduce_add_ps(sum).log2()
+    }
+
+    /// For one query row of a key block: `p = 2^(s − lse)` over the `valid` keys (0 past
+    /// them) in place of the scores `p`, and `dS = p · (dP − D)` in place of `dP` in `ds`.
+    #[target_feature(enable = "avx512f")]
+    fn probabilities(p: &mut [f32], ds: &mut [f32], valid: usize, lse: f32, d: f32) {
+        assert!(p.len() == ds.len() && p.len().is_multiple_of(L) && valid <= p.len());
+        let (lv, dv) = (_mm512_set1_ps(lse), _mm512_set1_ps(d));
+        for j in (0..p.len()).step_by(L) {
+            let mask = (!0u16).checked_shr((j + L).saturating_sub(valid) as u32).unwrap_or(0);
+            unsafe {
+                let (pp, dp) = (p.as_mut_ptr().add(j), ds.as_mut_ptr().add(j));
+                let prob = _mm512_maskz_mov_ps(mask, exp2(_mm512_sub_ps(_mm512_loadu_ps(pp), lv)));
+                _mm512_storeu_ps(pp, prob);
+                _mm512_storeu_ps(dp, _mm512_mul_ps(prob, _mm512_sub_ps(_mm512_loadu_ps(dp), dv)));
             }
         }
-        let max = tail.iter().chain(&lanes).fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let mut sums = [0f32; L];
-        for chunk in chunks {
-            for l in 0..L {
-                sums[l] += exp(chunk[l] - max);
-            }
-        }
-        max + (sums.iter().sum::<f32>() + tail.iter().map(|&t| exp(t - max)).sum::<f32>()).ln()
     }
 
     /// `out[r][j] = Σ_c a[r][c] · t[c][j0 + j]` for the `R` rows of `a` (`[R, d]`) and `j < w`

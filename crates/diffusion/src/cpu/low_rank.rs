@@ -15,7 +15,8 @@ use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use super::{Weights, f32_data, gemm::sgemm, on_cpu, profile, threads};
+use super::gemm::par_sgemm as sgemm;
+use super::{Weights, f32_data, on_cpu, profile};
 
 /// `x (W + scale·up·down)ᵀ + b` for `x` `[…, in]`, a frozen `weight` `[out, in]` (f32, f16 or
 /// bf16) and `bias` `[out]`, and f32 `down` `[r, in]`, `up` `[out, r]`, when a gradient flows
@@ -100,9 +101,7 @@ impl LowRankOp {
         if merged {
             let us = scaled(up, self.scale);
             // SAFETY: `us` is [out, r], `down` [r, in], `w` [out, in].
-            unsafe {
-                sgemm((out, inp, r), w.as_mut_ptr(), inp, true, (us.as_ptr(), r, 1), (down.as_ptr(), inp, 1), threads())
-            };
+            unsafe { sgemm((out, inp, r), w.as_mut_ptr(), inp, true, (us.as_ptr(), r, 1), (down.as_ptr(), inp, 1)) };
         }
         Ok(w)
     }
@@ -125,7 +124,6 @@ impl CustomOp3 for LowRankOp {
         let (x, down, up) = (f32_data(xs, xl)?, f32_data(ds, dl)?, f32_data(us, ul)?);
         let ((r, inp), (out, _)) = (dl.shape().dims2()?, ul.shape().dims2()?);
         let rows = x.len() / inp.max(1);
-        let th = threads();
         let mut y = match &self.bias {
             Some(b) => with_f32(b, |b| Ok(b.repeat(rows)))?,
             None => vec![0f32; rows * out],
@@ -135,11 +133,11 @@ impl CustomOp3 for LowRankOp {
         let w = self.effective_weight(up, down, (out, inp, r), merged)?;
         // SAFETY (all products): each buffer holds the rows × columns its strides address.
         unsafe {
-            sgemm((rows, r, inp), h.as_mut_ptr(), r, false, (x.as_ptr(), inp, 1), (down.as_ptr(), 1, inp), th);
-            sgemm((rows, out, inp), y.as_mut_ptr(), out, true, (x.as_ptr(), inp, 1), (w.as_ptr(), 1, inp), th);
+            sgemm((rows, r, inp), h.as_mut_ptr(), r, false, (x.as_ptr(), inp, 1), (down.as_ptr(), 1, inp));
+            sgemm((rows, out, inp), y.as_mut_ptr(), out, true, (x.as_ptr(), inp, 1), (w.as_ptr(), 1, inp));
             if !merged {
                 let us = scaled(up, self.scale);
-                sgemm((rows, out, r), y.as_mut_ptr(), out, true, (h.as_ptr(), r, 1), (us.as_ptr(), 1, r), th);
+                sgemm((rows, out, r), y.as_mut_ptr(), out, true, (h.as_ptr(), r, 1), (us.as_ptr(), 1, r));
             }
         }
         *self.hidden.lock().unwrap_or_else(|e| e.into_inner()) = Some(h);
@@ -161,7 +159,6 @@ impl CustomOp3 for LowRankOp {
         let _p = profile::scope("linear+low-rank backward");
         let ((r, inp), (out, _)) = (down.dims2()?, up.dims2()?);
         let rows = x.elem_count() / inp.max(1);
-        let th = threads();
         let grad = grad.detach().to_dtype(DType::F32)?.contiguous()?;
         let saved = self.hidden.lock().unwrap_or_else(|e| e.into_inner()).take();
         with_f32(x, |xd| {
@@ -181,7 +178,6 @@ impl CustomOp3 for LowRankOp {
                                         false,
                                         (xd.as_ptr(), inp, 1),
                                         (dd.as_ptr(), 1, inp),
-                                        th,
                                     )
                                 };
                                 h
@@ -192,15 +188,7 @@ impl CustomOp3 for LowRankOp {
                             (vec![0f32; rows * r], vec![0f32; out * r], vec![0f32; r * inp]);
                         unsafe {
                             // s·G·U, then dD = (s·G·U)ᵀ·x and dU = Gᵀ·H (scaled below).
-                            sgemm(
-                                (rows, r, out),
-                                gu.as_mut_ptr(),
-                                r,
-                                false,
-                                (g.as_ptr(), out, 1),
-                                (ud.as_ptr(), r, 1),
-                                th,
-                            );
+                            sgemm((rows, r, out), gu.as_mut_ptr(), r, false, (g.as_ptr(), out, 1), (ud.as_ptr(), r, 1));
                             gu.iter_mut().for_each(|v| *v *= self.scale);
                             sgemm(
                                 (r, inp, rows),
@@ -209,17 +197,8 @@ impl CustomOp3 for LowRankOp {
                                 false,
                                 (gu.as_ptr(), 1, r),
                                 (xd.as_ptr(), inp, 1),
-                                th,
                             );
-                            sgemm(
-                                (out, r, rows),
-                                du.as_mut_ptr(),
-                                r,
-                                false,
-                                (g.as_ptr(), 1, out),
-                                (h.as_ptr(), r, 1),
-                                th,
-                            );
+                            sgemm((out, r, rows), du.as_mut_ptr(), r, false, (g.as_ptr(), 1, out), (h.as_ptr(), r, 1));
                         }
                         du.iter_mut().for_each(|v| *v *= self.scale);
                         let dx = if x.track_op() {
@@ -234,7 +213,6 @@ impl CustomOp3 for LowRankOp {
                                     false,
                                     (g.as_ptr(), out, 1),
                                     (w.as_ptr(), inp, 1),
-                                    th,
                                 );
                                 if !merged {
                                     sgemm(
@@ -244,7 +222,6 @@ impl CustomOp3 for LowRankOp {
                                         true,
                                         (gu.as_ptr(), r, 1),
                                         (dd.as_ptr(), inp, 1),
-                                        th,
                                     );
                                 }
                             }
