@@ -299,7 +299,11 @@ impl candle_core::CustomOp1 for FrozenOp {
             }
             Frozen::Conv2d(cfg) => {
                 let _p = crate::cpu::profile::scope_flops(
-                    if cfg.stride > 1 { "conv backward/s2" } else { "conv backward" },
+                    match (cfg.stride, w.dim(2)?) {
+                        (1, 1) => "conv1x1 backward",
+                        (1, _) => "conv backward",
+                        _ => "conv backward/s2",
+                    },
                     flops * (w.dim(2)? * w.dim(3)?) as f64 / (cfg.stride * cfg.stride) as f64,
                 );
                 let (p, s, d) = (cfg.padding, cfg.stride, cfg.dilation);

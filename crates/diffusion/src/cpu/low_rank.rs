@@ -3,13 +3,16 @@
 //!
 //! Composed from candle ops the term costs a dozen tensors per layer (two products, their
 //! transposes, a scale, a sum, and in the backward the broadcast reductions and gradient
-//! accumulations), most of them single-threaded. Here the forward and the backward are five or
-//! six matrix products on the CPU kernels' gemm. With `H = x Dᵀ` kept from the forward and the
-//! output gradient `G`:
-//! `dU = s·Gᵀ·H`, `dD = s·(G·U)ᵀ·x`, `dx = G·(W + s·U·D)`.
-//! When there are more rows than `2·in·out / (in + out)`, the product `W + s·U·D` is formed
-//! once per pass (forward and input gradient each take one product instead of two); otherwise
-//! the two terms stay apart.
+//! accumulations), most of them single-threaded. Here the forward and the backward are a few
+//! matrix products on the CPU kernels' gemm, computed whichever of two ways does less work:
+//!
+//! - merged (many rows): `W' = W + s·U·D` is formed; `y = x W'ᵀ + b`; with the output gradient
+//!   `G` and `M = Gᵀ·x` (`[out, in]`, what a full fine-tune would compute),
+//!   `dU = s·M·Dᵀ`, `dD = s·Uᵀ·M`, `dx = G·W'`: two row-sized products each way, whatever the
+//!   rank (EasyPhoto's rank 128 equals or exceeds the width of the smaller UNet levels);
+//! - apart (few rows, such as the 77 text tokens of cross-attention keys): `H = x Dᵀ` is kept
+//!   from the forward, `y = x Wᵀ + b + s·H·Uᵀ`, `dU = s·Gᵀ·H`, `dD = s·(G·U)ᵀ·x`,
+//!   `dx = G·W + s·(G·U)·D`.
 
 use std::sync::Mutex;
 
@@ -61,13 +64,16 @@ struct LowRankOp {
     weight: Tensor,
     bias: Option<Tensor>,
     scale: f32,
-    /// `H = x Dᵀ` from the forward, for `dU`.
+    /// `H = x Dᵀ` from a forward that kept the term apart, for `dU`.
     hidden: Mutex<Option<Vec<f32>>>,
 }
 
-/// Whether `W + s·U·D` is worth forming for `rows` rows of an `inp → out` layer.
-fn merge(rows: usize, inp: usize, out: usize) -> bool {
-    rows * (inp + out) > 2 * inp * out
+/// Whether the merged form does fewer operations than the separate one (forward and backward
+/// together) for `rows` rows of an `inp → out` layer of rank `r`.
+fn merge(rows: usize, inp: usize, out: usize, r: usize) -> bool {
+    let merged = 3 * rows * inp * out + 4 * out * inp * r;
+    let apart = 2 * rows * inp * out + 3 * rows * r * (inp + out);
+    merged < apart
 }
 
 /// `scale · m` for a small matrix.
@@ -128,19 +134,19 @@ impl CustomOp3 for LowRankOp {
             Some(b) => with_f32(b, |b| Ok(b.repeat(rows)))?,
             None => vec![0f32; rows * out],
         };
-        let mut h = vec![0f32; rows * r];
-        let merged = merge(rows, inp, out);
+        let merged = merge(rows, inp, out, r);
         let w = self.effective_weight(up, down, (out, inp, r), merged)?;
         // SAFETY (all products): each buffer holds the rows × columns its strides address.
-        unsafe {
-            sgemm((rows, r, inp), h.as_mut_ptr(), r, false, (x.as_ptr(), inp, 1), (down.as_ptr(), 1, inp));
-            sgemm((rows, out, inp), y.as_mut_ptr(), out, true, (x.as_ptr(), inp, 1), (w.as_ptr(), 1, inp));
-            if !merged {
-                let us = scaled(up, self.scale);
+        unsafe { sgemm((rows, out, inp), y.as_mut_ptr(), out, true, (x.as_ptr(), inp, 1), (w.as_ptr(), 1, inp)) };
+        if !merged {
+            let mut h = vec![0f32; rows * r];
+            let us = scaled(up, self.scale);
+            unsafe {
+                sgemm((rows, r, inp), h.as_mut_ptr(), r, false, (x.as_ptr(), inp, 1), (down.as_ptr(), 1, inp));
                 sgemm((rows, out, r), y.as_mut_ptr(), out, true, (h.as_ptr(), r, 1), (us.as_ptr(), 1, r));
             }
+            *self.hidden.lock().unwrap_or_else(|e| e.into_inner()) = Some(h);
         }
-        *self.hidden.lock().unwrap_or_else(|e| e.into_inner()) = Some(h);
         let mut dims = xl.dims().to_vec();
         if let Some(last) = dims.last_mut() {
             *last = out;
@@ -161,78 +167,72 @@ impl CustomOp3 for LowRankOp {
         let rows = x.elem_count() / inp.max(1);
         let grad = grad.detach().to_dtype(DType::F32)?.contiguous()?;
         let saved = self.hidden.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let merged = merge(rows, inp, out, r);
         with_f32(x, |xd| {
             with_f32(down, |dd| {
                 with_f32(up, |ud| {
                     with_f32(&grad, |g| {
-                        let h = match saved {
-                            Some(h) => h,
-                            None => {
-                                let mut h = vec![0f32; rows * r];
-                                // SAFETY: as in the forward.
-                                unsafe {
-                                    sgemm(
-                                        (rows, r, inp),
-                                        h.as_mut_ptr(),
-                                        r,
-                                        false,
-                                        (xd.as_ptr(), inp, 1),
-                                        (dd.as_ptr(), 1, inp),
-                                    )
-                                };
-                                h
-                            }
-                        };
+                        let (mut d_down, mut d_up) = (vec![0f32; r * inp], vec![0f32; out * r]);
+                        let mut dx = x.track_op().then(|| vec![0f32; rows * inp]);
                         // SAFETY (all products): each buffer holds what its strides address.
-                        let (mut gu, mut du, mut dd_out) =
-                            (vec![0f32; rows * r], vec![0f32; out * r], vec![0f32; r * inp]);
-                        unsafe {
-                            // s·G·U, then dD = (s·G·U)ᵀ·x and dU = Gᵀ·H (scaled below).
-                            sgemm((rows, r, out), gu.as_mut_ptr(), r, false, (g.as_ptr(), out, 1), (ud.as_ptr(), r, 1));
-                            gu.iter_mut().for_each(|v| *v *= self.scale);
-                            sgemm(
-                                (r, inp, rows),
-                                dd_out.as_mut_ptr(),
-                                inp,
-                                false,
-                                (gu.as_ptr(), 1, r),
-                                (xd.as_ptr(), inp, 1),
-                            );
-                            sgemm((out, r, rows), du.as_mut_ptr(), r, false, (g.as_ptr(), 1, out), (h.as_ptr(), r, 1));
-                        }
-                        du.iter_mut().for_each(|v| *v *= self.scale);
-                        let dx = if x.track_op() {
-                            let merged = merge(rows, inp, out);
-                            let w = self.effective_weight(ud, dd, (out, inp, r), merged)?;
-                            let mut dx = vec![0f32; rows * inp];
+                        if merged {
+                            let mut m = vec![0f32; out * inp];
+                            unsafe {
+                                let g_t = (g.as_ptr(), 1, out);
+                                sgemm((out, inp, rows), m.as_mut_ptr(), inp, false, g_t, (xd.as_ptr(), inp, 1));
+                                let m_ = (m.as_ptr(), inp, 1);
+                                sgemm((out, r, inp), d_up.as_mut_ptr(), r, false, m_, (dd.as_ptr(), 1, inp));
+                                sgemm((r, inp, out), d_down.as_mut_ptr(), inp, false, (ud.as_ptr(), 1, r), m_);
+                            }
+                            d_down.iter_mut().for_each(|v| *v *= self.scale);
+                        } else {
+                            let h = match saved {
+                                Some(h) => h,
+                                None => {
+                                    let mut h = vec![0f32; rows * r];
+                                    let (x_, d_t) = ((xd.as_ptr(), inp, 1), (dd.as_ptr(), 1, inp));
+                                    unsafe { sgemm((rows, r, inp), h.as_mut_ptr(), r, false, x_, d_t) };
+                                    h
+                                }
+                            };
+                            // s·G·U, then dD = (s·G·U)ᵀ·x, dU = Gᵀ·H (scaled below), dx += (s·G·U)·D.
+                            let mut gu = vec![0f32; rows * r];
                             unsafe {
                                 sgemm(
-                                    (rows, inp, out),
-                                    dx.as_mut_ptr(),
-                                    inp,
+                                    (rows, r, out),
+                                    gu.as_mut_ptr(),
+                                    r,
                                     false,
                                     (g.as_ptr(), out, 1),
-                                    (w.as_ptr(), inp, 1),
+                                    (ud.as_ptr(), r, 1),
                                 );
-                                if !merged {
-                                    sgemm(
-                                        (rows, inp, r),
-                                        dx.as_mut_ptr(),
-                                        inp,
-                                        true,
-                                        (gu.as_ptr(), r, 1),
-                                        (dd.as_ptr(), inp, 1),
-                                    );
+                                gu.iter_mut().for_each(|v| *v *= self.scale);
+                                let (gu_t, x_) = ((gu.as_ptr(), 1, r), (xd.as_ptr(), inp, 1));
+                                sgemm((r, inp, rows), d_down.as_mut_ptr(), inp, false, gu_t, x_);
+                                sgemm(
+                                    (out, r, rows),
+                                    d_up.as_mut_ptr(),
+                                    r,
+                                    false,
+                                    (g.as_ptr(), 1, out),
+                                    (h.as_ptr(), r, 1),
+                                );
+                                if let Some(dx) = &mut dx {
+                                    let (gu_, d_) = ((gu.as_ptr(), r, 1), (dd.as_ptr(), inp, 1));
+                                    sgemm((rows, inp, r), dx.as_mut_ptr(), inp, false, gu_, d_);
                                 }
                             }
-                            Some(Tensor::from_vec(dx, x.shape(), x.device())?)
-                        } else {
-                            None
-                        };
+                        }
+                        d_up.iter_mut().for_each(|v| *v *= self.scale);
+                        if let Some(dx) = &mut dx {
+                            let w = self.effective_weight(ud, dd, (out, inp, r), merged)?;
+                            let (g_, w_) = ((g.as_ptr(), out, 1), (w.as_ptr(), inp, 1));
+                            unsafe { sgemm((rows, inp, out), dx.as_mut_ptr(), inp, !merged, g_, w_) };
+                        }
                         Ok((
-                            dx,
-                            Some(Tensor::from_vec(dd_out, (r, inp), down.device())?),
-                            Some(Tensor::from_vec(du, (out, r), up.device())?),
+                            dx.map(|dx| Tensor::from_vec(dx, x.shape(), x.device())).transpose()?,
+                            Some(Tensor::from_vec(d_down, (r, inp), down.device())?),
+                            Some(Tensor::from_vec(d_up, (out, r), up.device())?),
                         ))
                     })
                 })
