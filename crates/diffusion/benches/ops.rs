@@ -59,12 +59,12 @@ fn attention(c: &mut Criterion, name: &str, (b, h, n, m, d): (usize, usize, usiz
 fn attention_backward(c: &mut Criterion, name: &str, (b, h, n, m, d): (usize, usize, usize, usize, usize)) {
     let mut group = c.benchmark_group(name);
     group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(5));
-    let var = |len| candle_core::Var::from_tensor(&randn(&[b, h, len, d])).unwrap();
-    let (q, k, v, w) = (var(n), var(m), var(m), randn(&[b, h, n, d]));
+    let var = |len| candle_core::Var::from_tensor(&randn(&[b, len, h * d])).unwrap();
+    let (q, k, v, w) = (var(n), var(m), var(m), randn(&[b, n, h * d]));
     let scale = (d as f64).powf(-0.5);
     group.bench_function("kernel", |bench| {
         bench.iter(|| {
-            let out = cpu::attention_backward::attention(&q, &k, &v, scale).unwrap().unwrap();
+            let out = cpu::attention_backward::attention(&q, &k, &v, h, scale).unwrap().unwrap();
             (out * &w).unwrap().sum_all().unwrap().backward().unwrap()
         })
     });

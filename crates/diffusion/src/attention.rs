@@ -45,9 +45,17 @@ impl Attention {
     /// `x` `[B, N, query_dim]`; `context` `[B, M, context_dim]` (`None`: self-attention).
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let context = context.unwrap_or(x);
-        let q = self.split_heads(&self.to_q.forward(x)?)?;
-        let k = self.split_heads(&self.to_k.forward(context)?)?;
-        let v = self.split_heads(&self.to_v.forward(context)?)?;
+        let (q, k, v) = (self.to_q.forward(x)?, self.to_k.forward(context)?, self.to_v.forward(context)?);
+        // Training on the CPU: one op on the token layout, heads split and merged inside.
+        if q.track_op() || k.track_op() || v.track_op() {
+            let kind = if q.dim(1)? == k.dim(1)? { "attend/self" } else { "attend/cross" };
+            let p = crate::cpu::profile::scope_flops(kind, 4.0 * (q.elem_count() * k.dim(1)?) as f64);
+            if let Some(out) = crate::cpu::attention_backward::attention(&q, &k, &v, self.heads, self.scale)? {
+                drop(p);
+                return self.to_out.forward(&out);
+            }
+        }
+        let (q, k, v) = (self.split_heads(&q)?, self.split_heads(&k)?, self.split_heads(&v)?);
         let out = self.attend(&q, &k, &v)?;
         let (b, h, n, d) = out.dims4()?;
         self.to_out.forward(&out.transpose(1, 2)?.reshape((b, n, h * d))?)
@@ -75,9 +83,6 @@ impl Attention {
         let compute = if self.upcast || dtype == DType::BF16 || dtype == DType::F16 { DType::F32 } else { dtype };
         let (q, k, v) = (q.to_dtype(compute)?, k.to_dtype(compute)?, v.to_dtype(compute)?);
         if let Some(out) = crate::cpu::attention::attention(&q, &k, &v, self.scale)? {
-            return out.to_dtype(dtype);
-        }
-        if let Some(out) = crate::cpu::attention_backward::attention(&q, &k, &v, self.scale)? {
             return out.to_dtype(dtype);
         }
         let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);

@@ -8,43 +8,49 @@
 //! With `O = P·V`, `P = softmax(s·Q·Kᵀ)` and the output gradient `dO`:
 //! `dV = Pᵀ·dO`, `dP = dO·Vᵀ`, `dS = P ⊙ (dP − rowsum(dO ⊙ O))`, `dQ = s·dS·K`, `dK = s·dSᵀ·Q`.
 
-use candle_core::{CpuStorage, CustomOp3, D, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, D, DType, Device, Layout, Result, Shape, Tensor};
 
 use super::attention::AttentionOp;
-use super::on_cpu;
 use super::simd::has_avx512;
+use super::{on_cpu, with_f32s};
 
 /// Score elements recomputed at once in the backward (a few heads at a time): 8 MiB of f32.
 const CHUNK: usize = 1 << 21;
 
-/// `softmax(q·kᵀ·scale)·v` for `q` `[B, H, N, d]` and `k`, `v` `[B, H, M, d]` (f32, CPU) when a
-/// gradient flows through them, as an op with its own backward; `None` otherwise (inference
-/// uses [`super::attention::attention`], other dtypes and devices the plain composition).
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Option<Tensor>> {
+/// `softmax(q·kᵀ·scale)·v` per head for `q` `[B, N, H·d]` and `k`, `v` `[B, M, H·d]` (the
+/// projections' token layout; f32, CPU) when a gradient flows through them, as an op with its
+/// own backward; the result is `[B, N, H·d]`, the heads merged. `None` otherwise (inference uses
+/// [`super::attention::attention`], other dtypes and devices the plain composition). Taking the
+/// token layout keeps the head split and merge (eight reshapes and transposes per attention,
+/// each a copy in the backward) out of the autograd graph.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Option<Tensor>> {
     let tracked = q.track_op() || k.track_op() || v.track_op();
     if !tracked || !on_cpu(&[q, k, v]) || [q.dtype(), k.dtype(), v.dtype()] != [DType::F32; 3] {
         return Ok(None);
     }
-    let (Ok((b, h, _, d)), Ok((kb, kh, m, kd))) = (q.dims4(), k.dims4()) else { return Ok(None) };
-    if (kb, kh, kd) != (b, h, d) || v.dims() != k.dims() || m == 0 || d == 0 {
+    let (Ok((b, _, inner)), Ok((kb, m, kinner))) = (q.dims3(), k.dims3()) else { return Ok(None) };
+    if heads == 0 || !inner.is_multiple_of(heads) || (kb, kinner) != (b, inner) || v.dims() != k.dims() || m == 0 {
         return Ok(None);
     }
-    let op = TrainAttentionOp { scale: scale as f32 };
-    // The fallback forward reads contiguous inputs; the AVX-512 kernel reads the strided views.
-    let out = if has_avx512() {
-        q.apply_op3(k, v, op)?
-    } else {
-        q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?
-    };
-    // [B, N, H, d] memory, seen as [B, H, N, d].
-    Ok(Some(out.transpose(1, 2)?))
+    let op = TrainAttentionOp { heads, scale: scale as f32 };
+    Ok(Some(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?))
 }
 
-/// The op on `(q [B, H, N, d], k [B, H, M, d], v [B, H, M, d])`; the result is `[B, N, H, d]`,
-/// contiguous.
+/// The op on contiguous `(q [B, N, H·d], k [B, M, H·d], v [B, M, H·d])`; the result is
+/// `[B, N, H·d]`.
 #[derive(Debug, Clone, Copy)]
 struct TrainAttentionOp {
+    heads: usize,
     scale: f32,
+}
+
+impl TrainAttentionOp {
+    /// The `[B, H, len, d]` view of a contiguous `[B, len, H·d]` layout.
+    fn heads_view(&self, l: &Layout) -> Result<Layout> {
+        let (b, len, inner) = l.shape().dims3()?;
+        let d = inner / self.heads;
+        Ok(Layout::new((b, self.heads, len, d).into(), vec![len * inner, d, inner, 1], l.start_offset()))
+    }
 }
 
 impl CustomOp3 for TrainAttentionOp {
@@ -62,17 +68,20 @@ impl CustomOp3 for TrainAttentionOp {
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         if has_avx512() {
-            return AttentionOp { scale: self.scale }.cpu_fwd(qs, ql, ks, kl, vs, vl);
+            let (qv, kv, vv) = (self.heads_view(ql)?, self.heads_view(kl)?, self.heads_view(vl)?);
+            // [B, N, H, d] out, which is [B, N, H·d].
+            let (storage, _) = AttentionOp { scale: self.scale }.cpu_fwd(qs, &qv, ks, &kv, vs, &vv)?;
+            return Ok((storage, ql.shape().clone()));
         }
-        let tensor = |s: &CpuStorage, l: &Layout| -> Result<Tensor> {
-            let data = super::f32_data(s, l)?;
-            Tensor::from_slice(data, l.shape(), &candle_core::Device::Cpu)
+        let heads = |s: &CpuStorage, l: &Layout| -> Result<Tensor> {
+            let (b, len, inner) = l.shape().dims3()?;
+            let t = Tensor::from_slice(super::f32_data(s, l)?, (b, len, self.heads, inner / self.heads), &Device::Cpu)?;
+            t.transpose(1, 2)?.contiguous()
         };
-        let (q, k, v) = (tensor(qs, ql)?, tensor(ks, kl)?, tensor(vs, vl)?);
+        let (q, k, v) = (heads(qs, ql)?, heads(ks, kl)?, heads(vs, vl)?);
         let p = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * f64::from(self.scale))?)?;
         let out = p.matmul(&v)?.transpose(1, 2)?.contiguous()?;
-        let shape = out.shape().clone();
-        Ok((CpuStorage::F32(out.flatten_all()?.to_vec1()?), shape))
+        Ok((CpuStorage::F32(out.flatten_all()?.to_vec1()?), ql.shape().clone()))
     }
 
     fn bwd(
@@ -83,26 +92,32 @@ impl CustomOp3 for TrainAttentionOp {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // [B, N, H, d] to [B, H, N, d].
-        let (out, grad) = (res.detach().transpose(1, 2)?, grad.detach().transpose(1, 2)?);
-        let (q, k, v) = (q.detach(), k.detach(), v.detach());
+        let _p = super::profile::scope("attention backward");
+        let (b, n, inner) = q.dims3()?;
+        let (m, h) = (k.dim(1)?, self.heads);
+        let d = inner / h;
+        let grad = grad.detach().contiguous()?;
         #[cfg(target_arch = "x86_64")]
         if has_avx512() {
-            let (b, h, n, d) = q.dims4()?;
-            let m = k.dim(2)?;
-            let data = |t: &Tensor| t.contiguous()?.flatten_all()?.to_vec1::<f32>();
-            let (qd, kd, vd, od, gd) = (data(&q)?, data(&k)?, data(&v)?, data(&out)?, data(&grad)?);
             let dims = Dims { b, h, n, m, d };
-            // SAFETY: AVX-512 is present; the buffers are contiguous [B, H, N|M, d].
-            let (dq, dk, dv) = unsafe { x86::backward(&qd, &kd, &vd, &od, &gd, dims, self.scale) };
-            let dev = q.device();
-            return Ok((
-                Some(Tensor::from_vec(dq, (b, h, n, d), dev)?),
-                Some(Tensor::from_vec(dk, (b, h, m, d), dev)?),
-                Some(Tensor::from_vec(dv, (b, h, m, d), dev)?),
-            ));
+            return with_f32s([q, k, v, res, &grad], |[qd, kd, vd, od, gd]| {
+                // SAFETY: AVX-512 is present; the buffers are contiguous [B, N|M, H·d].
+                let (dq, dk, dv) = unsafe { x86::backward(qd, kd, vd, od, gd, dims, self.scale) };
+                let dev = q.device();
+                Ok((
+                    Some(Tensor::from_vec(dq, q.shape(), dev)?),
+                    Some(Tensor::from_vec(dk, k.shape(), dev)?),
+                    Some(Tensor::from_vec(dv, v.shape(), dev)?),
+                ))
+            });
         }
-        composed_backward(&q, &k, &v, &out, &grad, f64::from(self.scale))
+        let split = |t: &Tensor| t.detach().reshape((b, t.dim(1)?, h, d))?.transpose(1, 2);
+        let merge = |t: Option<Tensor>| -> Result<Option<Tensor>> {
+            t.map(|t| t.transpose(1, 2)?.reshape((b, t.dim(2)?, inner))).transpose()
+        };
+        let (dq, dk, dv) =
+            composed_backward(&split(q)?, &split(k)?, &split(v)?, &split(res)?, &split(&grad)?, f64::from(self.scale))?;
+        Ok((merge(dq)?, merge(dk)?, merge(dv)?))
     }
 }
 
@@ -166,7 +181,7 @@ mod x86 {
     /// Lanes per vector.
     const L: usize = 16;
 
-    /// `(dQ, dK, dV)`, each `[B, H, N|M, d]`, for contiguous `[B, H, N|M, d]` inputs.
+    /// `(dQ, dK, dV)` in the token layout `[B, N|M, H·d]` of the inputs.
     ///
     /// # Safety
     /// AVX-512F must be available and the slices must hold the shapes of `dims`.
@@ -179,31 +194,45 @@ mod x86 {
         Dims { b, h, n, m, d }: Dims,
         scale: f32,
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let inner = h * d;
         // Enough tasks for every thread, each with at least 64 queries.
         let threads = rayon::current_num_threads();
         let splits = (2 * threads).div_ceil(b * h).clamp(1, n.div_ceil(64).max(1));
         let rows = n.div_ceil(splits);
+        let span = |t: usize| {
+            let s = t % splits;
+            ((s * rows).min(n), ((s + 1) * rows).min(n))
+        };
         let parts: Vec<Part> = (0..b * h * splits)
             .into_par_iter()
             .map(|t| {
-                let (bh, s) = (t / splits, t % splits);
-                let (r0, r1) = ((s * rows).min(n), ((s + 1) * rows).min(n));
-                let rows = |x| &head(x, bh, n, d)[r0 * d..r1 * d];
-                let io = Head { q: rows(q), o: rows(o), go: rows(go) };
+                let (bi, hi) = (t / splits / h, t / splits % h);
+                let (r0, r1) = span(t);
+                let at = |data, len: usize, first: usize, count| Rows {
+                    data,
+                    start: (bi * len + first) * inner + hi * d,
+                    stride: inner,
+                    d,
+                    count,
+                };
+                let io = Head { q: at(q, n, r0, r1 - r0), o: at(o, n, r0, r1 - r0), go: at(go, n, r0, r1 - r0) };
                 // SAFETY: the caller guarantees AVX-512F.
-                unsafe { task(&io, head(k, bh, m, d), head(v, bh, m, d), m, d, scale) }
+                unsafe { task(&io, at(k, m, 0, m), at(v, m, 0, m), scale) }
             })
             .collect();
-        let mut dq = Vec::with_capacity(b * h * n * d);
-        let (mut dk, mut dv) = (vec![0f32; b * h * m * d], vec![0f32; b * h * m * d]);
+        let mut dq = vec![0f32; b * n * inner];
+        let (mut dk, mut dv) = (vec![0f32; b * m * inner], vec![0f32; b * m * inner]);
         for (t, part) in parts.into_iter().enumerate() {
-            dq.extend_from_slice(&part.dq);
-            let bh = t / splits;
+            let (bi, hi) = (t / splits / h, t / splits % h);
+            let (r0, _) = span(t);
+            for (i, row) in part.dq.chunks_exact(d).enumerate() {
+                dq[(bi * n + r0 + i) * inner + hi * d..][..d].copy_from_slice(row);
+            }
             let ld = part.dkt.len() / d.max(1);
             // dK was accumulated against the base-2 queries.
             for (dst, src, f) in [(&mut dk, &part.dkt, LN_2), (&mut dv, &part.dvt, 1.0)] {
-                let dst = &mut dst[bh * m * d..][..m * d];
-                for (j, row) in dst.chunks_exact_mut(d).enumerate() {
+                for j in 0..m {
+                    let row = &mut dst[(bi * m + j) * inner + hi * d..][..d];
                     for (c, x) in row.iter_mut().enumerate() {
                         *x += f * src[c * ld + j];
                     }
@@ -213,19 +242,31 @@ mod x86 {
         (dq, dk, dv)
     }
 
-    /// Head `bh` of a `[B·H, len, d]` buffer.
-    fn head(x: &[f32], bh: usize, len: usize, d: usize) -> &[f32] {
-        &x[bh * len * d..][..len * d]
+    /// `count` rows of `d` values, `stride` apart from `start`.
+    #[derive(Clone, Copy)]
+    struct Rows<'a> {
+        data: &'a [f32],
+        start: usize,
+        stride: usize,
+        d: usize,
+        count: usize,
     }
 
-    /// One task's queries, outputs and output gradients (`[rows, d]` each).
+    impl<'a> Rows<'a> {
+        fn row(&self, i: usize) -> &'a [f32] {
+            &self.data[self.start + i * self.stride..][..self.d]
+        }
+    }
+
+    /// One task's queries, outputs and output gradients.
     struct Head<'a> {
-        q: &'a [f32],
-        o: &'a [f32],
-        go: &'a [f32],
+        q: Rows<'a>,
+        o: Rows<'a>,
+        go: Rows<'a>,
     }
 
-    /// One task's results: its rows of `dQ` and its share of `dKᵀ`, `dVᵀ` (`[d, M]` padded).
+    /// One task's results: its rows of `dQ` (`[rows, d]`) and its share of `dKᵀ`, `dVᵀ` (`[d, M]`
+    /// padded).
     struct Part {
         dq: Vec<f32>,
         dkt: Vec<f32>,
@@ -233,16 +274,16 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx512f")]
-    fn task(io: &Head, k: &[f32], v: &[f32], m: usize, d: usize, scale: f32) -> Part {
-        let rows = io.q.len() / d;
+    fn task(io: &Head, k: Rows, v: Rows, scale: f32) -> Part {
+        let (rows, m, d) = (io.q.count, k.count, k.d);
         // Keys padded to whole vectors; rows of the `[d, M]` buffers one vector apart from a
         // multiple of 4 KiB (power-of-two row strides alias in L1).
         let mp = m.div_ceil(L) * L;
         let ld = mp + L;
-        let transpose = |x: &[f32]| {
+        let transpose = |x: Rows| {
             let mut t = vec![0f32; d * ld];
-            for (j, row) in x.chunks_exact(d).enumerate() {
-                for (c, &val) in row.iter().enumerate() {
+            for j in 0..m {
+                for (c, &val) in x.row(j).iter().enumerate() {
                     t[c * ld + j] = val;
                 }
             }
@@ -254,14 +295,14 @@ mod x86 {
         let groups = rows.div_ceil(R);
         let mut qs = vec![0f32; groups * R * d];
         let mut gs = vec![0f32; groups * R * d];
-        for (dst, &x) in qs.iter_mut().zip(io.q) {
-            *dst = x * scale * LOG2_E;
-        }
-        gs[..rows * d].copy_from_slice(io.go);
         // D_i = dO_i · O_i.
         let mut dd = vec![0f32; groups * R];
-        for (i, x) in dd.iter_mut().take(rows).enumerate() {
-            *x = (0..d).map(|c| io.go[i * d + c] * io.o[i * d + c]).sum();
+        for i in 0..rows {
+            for (dst, &x) in qs[i * d..][..d].iter_mut().zip(io.q.row(i)) {
+                *dst = x * scale * LOG2_E;
+            }
+            gs[i * d..][..d].copy_from_slice(io.go.row(i));
+            dd[i] = io.go.row(i).iter().zip(io.o.row(i)).map(|(g, o)| g * o).sum();
         }
         // Each query's log-sum-exp (base 2) over all keys.
         let mut lse = vec![0f32; groups * R];
@@ -424,17 +465,18 @@ mod tests {
     #[test]
     fn gradients_match_the_composition() -> candle_core::Result<()> {
         let dev = Device::Cpu;
-        // The last case recomputes the scores one head at a time.
         // Head widths 8, 40 and 13; key counts off the 16-lane grid; one head over several tasks.
         for (b, h, n, m, d) in [(2, 3, 37, 37, 8), (2, 3, 50, 9, 8), (1, 2, 1100, 1000, 40), (1, 1, 300, 77, 13)] {
-            let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, h, n, d), &dev)?)?;
-            let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, h, m, d), &dev)?)?;
-            let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, h, m, d), &dev)?)?;
-            let w = Tensor::randn(0f32, 1.0, (b, h, n, d), &dev)?;
+            let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, n, h * d), &dev)?)?;
+            let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, m, h * d), &dev)?)?;
+            let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, m, h * d), &dev)?)?;
+            let w = Tensor::randn(0f32, 1.0, (b, n, h * d), &dev)?;
             let scale = (d as f64).powf(-0.5);
-            let ours = super::attention(&q, &k, &v, scale)?.expect("applies to tracked f32 CPU tensors");
-            let p = candle_nn::ops::softmax(&(q.matmul(&k.t()?)? * scale)?, candle_core::D::Minus1)?;
-            let plain = p.matmul(&v)?;
+            let ours = super::attention(&q, &k, &v, h, scale)?.expect("applies to tracked f32 CPU tensors");
+            let split = |t: &Tensor| t.reshape((b, t.dim(1)?, h, d))?.transpose(1, 2)?.contiguous();
+            let (qh, kh, vh) = (split(&q)?, split(&k)?, split(&v)?);
+            let p = candle_nn::ops::softmax(&(qh.matmul(&kh.t()?)? * scale)?, candle_core::D::Minus1)?;
+            let plain = p.matmul(&vh)?.transpose(1, 2)?.reshape((b, n, h * d))?;
             let max_abs = |a: &Tensor, b: &Tensor| -> candle_core::Result<f32> {
                 (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
             };
@@ -446,10 +488,11 @@ mod tests {
                 assert!(err < 1e-5, "n {n} m {m} d {d}: {err}");
             }
             // The candle-op fallback (CPUs without AVX-512) against the same composition.
-            let out = ours.detach();
-            let (gq, gk, gv) = super::composed_backward(&q, &k, &v, &out, &w, scale)?;
+            let (out, wh) = (split(&ours.detach())?, split(&w)?);
+            let (gq, gk, gv) = super::composed_backward(&qh.detach(), &kh.detach(), &vh.detach(), &out, &wh, scale)?;
             for (var, g) in [(&q, gq), (&k, gk), (&v, gv)] {
-                let err = max_abs(&g.expect("gradient"), g2.get(var).expect("gradient"))?;
+                let g = g.expect("gradient").transpose(1, 2)?.reshape(var.dims())?;
+                let err = max_abs(&g, g2.get(var).expect("gradient"))?;
                 assert!(err < 1e-5, "fallback n {n} m {m} d {d}: {err}");
             }
         }

@@ -19,7 +19,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use super::gemm::par_sgemm as sgemm;
-use super::{Weights, f32_data, on_cpu, profile};
+use super::{Weights, f32_data, on_cpu, profile, with_f32s};
 
 /// `x (W + scale·up·down)ᵀ + b` for `x` `[…, in]`, a frozen `weight` `[out, in]` (f32, f16 or
 /// bf16) and `bias` `[out]`, and f32 `down` `[r, in]`, `up` `[out, r]`, when a gradient flows
@@ -81,15 +81,6 @@ fn scaled(m: &[f32], scale: f32) -> Vec<f32> {
     m.iter().map(|v| v * scale).collect()
 }
 
-/// Calls `f` with the contiguous f32 data of `t` (a tensor on the CPU).
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        candle_core::Storage::Cpu(s) => f(f32_data(s, layout)?),
-        _ => candle_core::bail!("linear+low-rank: expected a CPU tensor"),
-    }
-}
-
 impl LowRankOp {
     /// The frozen weight as f32 `[out, in]`, plus `s·U·D` when `merged`.
     fn effective_weight(
@@ -131,7 +122,7 @@ impl CustomOp3 for LowRankOp {
         let ((r, inp), (out, _)) = (dl.shape().dims2()?, ul.shape().dims2()?);
         let rows = x.len() / inp.max(1);
         let mut y = match &self.bias {
-            Some(b) => with_f32(b, |b| Ok(b.repeat(rows)))?,
+            Some(b) => with_f32s([b], |[b]| Ok(b.repeat(rows)))?,
             None => vec![0f32; rows * out],
         };
         let merged = merge(rows, inp, out, r);
@@ -168,75 +159,55 @@ impl CustomOp3 for LowRankOp {
         let grad = grad.detach().to_dtype(DType::F32)?.contiguous()?;
         let saved = self.hidden.lock().unwrap_or_else(|e| e.into_inner()).take();
         let merged = merge(rows, inp, out, r);
-        with_f32(x, |xd| {
-            with_f32(down, |dd| {
-                with_f32(up, |ud| {
-                    with_f32(&grad, |g| {
-                        let (mut d_down, mut d_up) = (vec![0f32; r * inp], vec![0f32; out * r]);
-                        let mut dx = x.track_op().then(|| vec![0f32; rows * inp]);
-                        // SAFETY (all products): each buffer holds what its strides address.
-                        if merged {
-                            let mut m = vec![0f32; out * inp];
-                            unsafe {
-                                let g_t = (g.as_ptr(), 1, out);
-                                sgemm((out, inp, rows), m.as_mut_ptr(), inp, false, g_t, (xd.as_ptr(), inp, 1));
-                                let m_ = (m.as_ptr(), inp, 1);
-                                sgemm((out, r, inp), d_up.as_mut_ptr(), r, false, m_, (dd.as_ptr(), 1, inp));
-                                sgemm((r, inp, out), d_down.as_mut_ptr(), inp, false, (ud.as_ptr(), 1, r), m_);
-                            }
-                            d_down.iter_mut().for_each(|v| *v *= self.scale);
-                        } else {
-                            let h = match saved {
-                                Some(h) => h,
-                                None => {
-                                    let mut h = vec![0f32; rows * r];
-                                    let (x_, d_t) = ((xd.as_ptr(), inp, 1), (dd.as_ptr(), 1, inp));
-                                    unsafe { sgemm((rows, r, inp), h.as_mut_ptr(), r, false, x_, d_t) };
-                                    h
-                                }
-                            };
-                            // s·G·U, then dD = (s·G·U)ᵀ·x, dU = Gᵀ·H (scaled below), dx += (s·G·U)·D.
-                            let mut gu = vec![0f32; rows * r];
-                            unsafe {
-                                sgemm(
-                                    (rows, r, out),
-                                    gu.as_mut_ptr(),
-                                    r,
-                                    false,
-                                    (g.as_ptr(), out, 1),
-                                    (ud.as_ptr(), r, 1),
-                                );
-                                gu.iter_mut().for_each(|v| *v *= self.scale);
-                                let (gu_t, x_) = ((gu.as_ptr(), 1, r), (xd.as_ptr(), inp, 1));
-                                sgemm((r, inp, rows), d_down.as_mut_ptr(), inp, false, gu_t, x_);
-                                sgemm(
-                                    (out, r, rows),
-                                    d_up.as_mut_ptr(),
-                                    r,
-                                    false,
-                                    (g.as_ptr(), 1, out),
-                                    (h.as_ptr(), r, 1),
-                                );
-                                if let Some(dx) = &mut dx {
-                                    let (gu_, d_) = ((gu.as_ptr(), r, 1), (dd.as_ptr(), inp, 1));
-                                    sgemm((rows, inp, r), dx.as_mut_ptr(), inp, false, gu_, d_);
-                                }
-                            }
-                        }
-                        d_up.iter_mut().for_each(|v| *v *= self.scale);
-                        if let Some(dx) = &mut dx {
-                            let w = self.effective_weight(ud, dd, (out, inp, r), merged)?;
-                            let (g_, w_) = ((g.as_ptr(), out, 1), (w.as_ptr(), inp, 1));
-                            unsafe { sgemm((rows, inp, out), dx.as_mut_ptr(), inp, !merged, g_, w_) };
-                        }
-                        Ok((
-                            dx.map(|dx| Tensor::from_vec(dx, x.shape(), x.device())).transpose()?,
-                            Some(Tensor::from_vec(d_down, (r, inp), down.device())?),
-                            Some(Tensor::from_vec(d_up, (out, r), up.device())?),
-                        ))
-                    })
-                })
-            })
+        with_f32s([x, down, up, &grad], |[xd, dd, ud, g]| {
+            let (mut d_down, mut d_up) = (vec![0f32; r * inp], vec![0f32; out * r]);
+            let mut dx = x.track_op().then(|| vec![0f32; rows * inp]);
+            // SAFETY (all products): each buffer holds what its strides address.
+            if merged {
+                let mut m = vec![0f32; out * inp];
+                unsafe {
+                    let g_t = (g.as_ptr(), 1, out);
+                    sgemm((out, inp, rows), m.as_mut_ptr(), inp, false, g_t, (xd.as_ptr(), inp, 1));
+                    let m_ = (m.as_ptr(), inp, 1);
+                    sgemm((out, r, inp), d_up.as_mut_ptr(), r, false, m_, (dd.as_ptr(), 1, inp));
+                    sgemm((r, inp, out), d_down.as_mut_ptr(), inp, false, (ud.as_ptr(), 1, r), m_);
+                }
+                d_down.iter_mut().for_each(|v| *v *= self.scale);
+            } else {
+                let h = match saved {
+                    Some(h) => h,
+                    None => {
+                        let mut h = vec![0f32; rows * r];
+                        let (x_, d_t) = ((xd.as_ptr(), inp, 1), (dd.as_ptr(), 1, inp));
+                        unsafe { sgemm((rows, r, inp), h.as_mut_ptr(), r, false, x_, d_t) };
+                        h
+                    }
+                };
+                // s·G·U, then dD = (s·G·U)ᵀ·x, dU = Gᵀ·H (scaled below), dx += (s·G·U)·D.
+                let mut gu = vec![0f32; rows * r];
+                unsafe {
+                    sgemm((rows, r, out), gu.as_mut_ptr(), r, false, (g.as_ptr(), out, 1), (ud.as_ptr(), r, 1));
+                    gu.iter_mut().for_each(|v| *v *= self.scale);
+                    let (gu_t, x_) = ((gu.as_ptr(), 1, r), (xd.as_ptr(), inp, 1));
+                    sgemm((r, inp, rows), d_down.as_mut_ptr(), inp, false, gu_t, x_);
+                    sgemm((out, r, rows), d_up.as_mut_ptr(), r, false, (g.as_ptr(), 1, out), (h.as_ptr(), r, 1));
+                    if let Some(dx) = &mut dx {
+                        let (gu_, d_) = ((gu.as_ptr(), r, 1), (dd.as_ptr(), inp, 1));
+                        sgemm((rows, inp, r), dx.as_mut_ptr(), inp, false, gu_, d_);
+                    }
+                }
+            }
+            d_up.iter_mut().for_each(|v| *v *= self.scale);
+            if let Some(dx) = &mut dx {
+                let w = self.effective_weight(ud, dd, (out, inp, r), merged)?;
+                let (g_, w_) = ((g.as_ptr(), out, 1), (w.as_ptr(), inp, 1));
+                unsafe { sgemm((rows, inp, out), dx.as_mut_ptr(), inp, !merged, g_, w_) };
+            }
+            Ok((
+                dx.map(|dx| Tensor::from_vec(dx, x.shape(), x.device())).transpose()?,
+                Some(Tensor::from_vec(d_down, (r, inp), down.device())?),
+                Some(Tensor::from_vec(d_up, (out, r), up.device())?),
+            ))
         })
     }
 }

@@ -190,6 +190,18 @@ fn f32_data<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
     }
 }
 
+/// Calls `f` with the contiguous f32 data of each of `ts` (tensors on the CPU), borrowed from
+/// their storage (for the backward passes, whose arguments are tensors rather than storages).
+fn with_f32s<const N: usize, R>(ts: [&Tensor; N], f: impl FnOnce([&[f32]; N]) -> Result<R>) -> Result<R> {
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices: [&[f32]; N] = [&[]; N];
+    for (slot, (storage, layout)) in slices.iter_mut().zip(&guards) {
+        let candle_core::Storage::Cpu(s) = &**storage else { candle_core::bail!("cpu kernel: expected a CPU tensor") };
+        *slot = f32_data(s, layout)?;
+    }
+    f(slices)
+}
+
 /// Threads the kernels split work across.
 fn threads() -> usize {
     rayon::current_num_threads().max(1)
