@@ -4,7 +4,8 @@
 //! f32. Prints one JSON line: median step time (wall and CPU) and peak RSS. The PyTorch + peft side is
 //! `tools/reference/lora_bench_train.py` (same config, shapes and reporting).
 //!
-//! `RAYON_NUM_THREADS=2 cargo bench -p easyphoto-lora --bench train_step`   (env: RUNS=5)
+//! `RAYON_NUM_THREADS=2 cargo bench -p easyphoto-lora --bench train_step`   (env: RUNS=5; candle's
+//! element-wise pool is set to one thread unless `CANDLE_NUM_THREADS` says otherwise)
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -19,6 +20,10 @@ use easyphoto_lora::{LoraNetwork, Targets, TrainConfig, diffusion_loss};
 use rand::SeedableRng;
 
 fn main() {
+    // SAFETY: first thing in main, before any other thread exists.
+    unsafe { easyphoto_diffusion::cpu::serial_candle_pool() };
+    // Freed outputs stay in the heap for the next op (the diffusion crate's cpu::alloc).
+    easyphoto_diffusion::cpu::keep_freed_memory();
     let device = Device::Cpu;
     let config_path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/mid_unet.json");
     let mut unet =

@@ -73,15 +73,41 @@ impl AdamW {
         let t = self.step as i32;
         let bc1 = 1.0 - c.adam_beta1.powi(t);
         let bc2_sqrt = (1.0 - c.adam_beta2.powi(t)).sqrt();
-        for (((p, lr), g), (m, v)) in params.iter().zip(grads).zip(self.moments.iter_mut()) {
+        // f32 CPU parameters: one parallel pass over all of them (the tensor-op form costs a
+        // dozen single-threaded passes and allocations per parameter).
+        let fused = |p: &Var, g: &Tensor| {
+            [p.as_tensor(), g].iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous())
+        };
+        let work: Vec<usize> = (0..params.len())
+            .filter(|&i| grads.get(i).copied().flatten().is_some_and(|g| fused(params[i].0, g)))
+            .collect();
+        let updated = {
+            use rayon::prelude::*;
+            let moments = &self.moments;
+            work.par_iter()
+                .map(|&i| {
+                    let (p, lr) = params[i];
+                    let g = grads[i].expect("filtered above");
+                    let hyper = Hyper { lr, bc1, bc2_sqrt, config: c };
+                    fused_step(p.as_tensor(), g, &moments[i], hyper)
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        for (&i, [p_new, m_new, v_new]) in work.iter().zip(updated) {
+            let p = params[i].0;
+            let shape = p.shape().clone();
+            self.moments[i] =
+                (Tensor::from_vec(m_new, &shape, p.device())?, Tensor::from_vec(v_new, &shape, p.device())?);
+            p.set(&Tensor::from_vec(p_new, &shape, p.device())?)?;
+        }
+        for (i, (((p, lr), g), (m, v))) in params.iter().zip(grads).zip(self.moments.iter_mut()).enumerate() {
             let Some(g) = g else { continue };
+            if work.binary_search(&i).is_ok() {
+                continue;
+            }
             // candle's gradients of variables still reference the forward graph they came from;
             // moments built on them would keep every step's graph alive.
             let g = &g.detach();
-            let hyper = Hyper { lr: *lr, bc1, bc2_sqrt, config: c };
-            if fused_step(p, g, (m, v), hyper)? {
-                continue;
-            }
             *m = ((m.affine(c.adam_beta1, 0.0)? + g.affine(1.0 - c.adam_beta1, 0.0)?)?).contiguous()?;
             *v = ((v.affine(c.adam_beta2, 0.0)? + g.sqr()?.affine(1.0 - c.adam_beta2, 0.0)?)?).contiguous()?;
             let decayed = p.as_tensor().detach().affine(1.0 - lr * c.adam_weight_decay, 0.0)?;
@@ -102,39 +128,25 @@ struct Hyper {
     config: AdamWConfig,
 }
 
-/// The step of one f32 CPU parameter in one pass over its values (the tensor-op form costs a
-/// dozen single-threaded passes and allocations per parameter), with the same f32 operations in
-/// the same order. `false` when it does not apply (another device or dtype).
-fn fused_step(p: &Var, g: &Tensor, (m, v): (&mut Tensor, &mut Tensor), h: Hyper) -> Result<bool, LoraError> {
-    use rayon::prelude::*;
-    let all = [p.as_tensor(), g, &*m, &*v];
-    if !all.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32) {
-        return Ok(false);
-    }
-    let host = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
-    let (mut pv, gv, mut mv, mut vv) = (host(p.as_tensor())?, host(g)?, host(m)?, host(v)?);
+/// The new `(parameter, m, v)` of one contiguous f32 CPU parameter, read in place, with the
+/// tensor-op form's f32 operations in the same order (the results are identical).
+fn fused_step(p: &Tensor, g: &Tensor, (m, v): &(Tensor, Tensor), h: Hyper) -> Result<[Vec<f32>; 3], LoraError> {
     let c = h.config;
     let (b1, b2) = (c.adam_beta1 as f32, c.adam_beta2 as f32);
     let (g1, g2) = ((1.0 - c.adam_beta1) as f32, (1.0 - c.adam_beta2) as f32);
     let decay = (1.0 - h.lr * c.adam_weight_decay) as f32;
     let (inv_bc2, eps, step) = ((1.0 / h.bc2_sqrt) as f32, c.adam_epsilon as f32, (h.lr / h.bc1) as f32);
-    const CHUNK: usize = 1 << 14;
-    pv.par_chunks_mut(CHUNK)
-        .zip(mv.par_chunks_mut(CHUNK))
-        .zip(vv.par_chunks_mut(CHUNK))
-        .zip(gv.par_chunks(CHUNK))
-        .for_each(|(((p, m), v), g)| {
-            for (((p, m), v), &g) in p.iter_mut().zip(m).zip(v).zip(g) {
-                *m = *m * b1 + g * g1;
-                *v = *v * b2 + g * g * g2;
-                *p = *p * decay - *m / (v.sqrt() * inv_bc2 + eps) * step;
-            }
-        });
-    let shape = p.shape().clone();
-    *m = Tensor::from_vec(mv, &shape, p.device())?;
-    *v = Tensor::from_vec(vv, &shape, p.device())?;
-    p.set(&Tensor::from_vec(pv, &shape, p.device())?)?;
-    Ok(true)
+    let (m, v) = (m.contiguous()?, v.contiguous()?);
+    Ok(easyphoto_diffusion::cpu::with_f32s([p, g, &m, &v], |[p, g, m, v]| {
+        let (mut pn, mut mn, mut vn) = (vec![0f32; p.len()], vec![0f32; p.len()], vec![0f32; p.len()]);
+        let new = pn.iter_mut().zip(mn.iter_mut()).zip(vn.iter_mut());
+        for (((pn, mn), vn), ((&p, &g), (&m, &v))) in new.zip(p.iter().zip(g).zip(m.iter().zip(v))) {
+            *mn = m * b1 + g * g1;
+            *vn = v * b2 + g * g * g2;
+            *pn = p * decay - *mn / (vn.sqrt() * inv_bc2 + eps) * step;
+        }
+        Ok([pn, mn, vn])
+    })?)
 }
 
 /// Scales `grads` so that their joint L2 norm is at most `max_norm` (by

@@ -5,16 +5,18 @@
 //! [`norm::GroupNorm`] (+ SiLU), [`geglu::linear_geglu`] / [`geglu::geglu`], and the
 //! transformer's 1×1 projections [`pointwise`]). Each returns its kernel's result for f32
 //! tensors on the CPU when no gradient is tracked through the op, and `None` (or, for the
-//! modules, the plain composition) otherwise: LoRA training, other dtypes and GPU devices take
-//! the original candle path, so gradients are exactly as before. None of the kernels has a
-//! backward pass, except [`attention_backward`], the attention kernel for training.
+//! modules, the plain composition) otherwise. LoRA training (gradients to the inputs and to the
+//! low-rank terms, frozen weights) has its own ops with their own backward passes:
+//! [`low_rank`] (a layer and its trained LoRA), [`attention_backward`], [`norm_backward`], GEGLU,
+//! and the frozen linear and convolution layers; other dtypes and GPU devices take the candle
+//! path.
 //!
 //! Set `EASYPHOTO_CPU_KERNELS=0` (or call [`set_enabled`]) to use the plain candle path
 //! everywhere, for comparisons; `EASYPHOTO_WINOGRAD=0|2|4` picks the 3×3 algorithm
 //! ([`conv::Winograd`]); `EASYPHOTO_PROFILE=1` turns on [`profile`]. Threads: the kernels run on
 //! rayon's global pool, sized by `RAYON_NUM_THREADS` like candle's own CPU ops (2 threads ⇒ 2 on
 //! both). [`keep_freed_memory`] is the recommended allocator setting for a process that runs
-//! models (glibc). [`set_weight_dtype`] keeps an f32 model's linear and convolution weights in
+//! models (glibc), and [`serial_candle_pool`] the recommended thread setting. [`set_weight_dtype`] keeps an f32 model's linear and convolution weights in
 //! f16 / bf16 (half the memory; the kernels convert them as they read them). The `gemm` crate's
 //! AVX-512 kernels are enabled by this crate's `gemm/x86-v4` feature (detected at run time),
 //! which also speeds up candle's own matmuls.
@@ -190,9 +192,24 @@ fn f32_data<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
     }
 }
 
+/// Sets `CANDLE_NUM_THREADS=1` unless the environment sets it. candle's element-wise thread pool
+/// (candle 0.11) spins for a while after each op; with few cores it takes CPU time from the
+/// kernels' rayon threads (LoRA training step on 2 threads: 0.38 s instead of 0.43–0.47 s). The
+/// element-wise work left to candle is small. Call it first thing in `main`.
+///
+/// # Safety
+/// As [`std::env::set_var`]: no other thread may read or write the environment meanwhile.
+pub unsafe fn serial_candle_pool() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // SAFETY: the caller guarantees that no other thread uses the environment.
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
+    }
+}
+
 /// Calls `f` with the contiguous f32 data of each of `ts` (tensors on the CPU), borrowed from
-/// their storage (for the backward passes, whose arguments are tensors rather than storages).
-fn with_f32s<const N: usize, R>(ts: [&Tensor; N], f: impl FnOnce([&[f32]; N]) -> Result<R>) -> Result<R> {
+/// their storage (for backward passes and optimizers, whose arguments are tensors rather than
+/// storages); an error for other tensors.
+pub fn with_f32s<const N: usize, R>(ts: [&Tensor; N], f: impl FnOnce([&[f32]; N]) -> Result<R>) -> Result<R> {
     let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
     let mut slices: [&[f32]; N] = [&[]; N];
     for (slot, (storage, layout)) in slices.iter_mut().zip(&guards) {
