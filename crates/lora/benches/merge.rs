@@ -16,6 +16,8 @@ use easyphoto_lora::network::is_target;
 use easyphoto_lora::{KohyaLora, KohyaModule, KohyaPrefix, Slot, Targets, kohya_name, merge};
 
 fn main() {
+    // Freed weights stay in the heap for the next merge (the diffusion crate's cpu::alloc).
+    easyphoto_diffusion::cpu::keep_freed_memory();
     let configs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tools/bench/configs");
     let device = Device::Cpu;
     let mut unet = UNet2DConditionModel::new(

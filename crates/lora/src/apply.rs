@@ -303,9 +303,10 @@ fn layer_weight<'a>(layer: &'a LayerMut<'_>) -> &'a Tensor {
 }
 
 /// `weight + Σ scale · up·down`, accumulated in f32 and returned in the weight's dtype. On the
-/// CPU the products are accumulated in place by one `gemm` call each (no delta is allocated),
-/// split over rayon's threads when `split` is set.
+/// CPU each product is added by the rank-update kernel (the first one reading the original
+/// weight in place and writing the merged copy), split over rayon's threads when `split` is set.
 fn merged_weight(weight: &Tensor, parts: &[Part], split: bool) -> Result<Tensor, LoraError> {
+    use easyphoto_diffusion::cpu::rank_update::{add_product, add_product_in_place};
     if !weight.device().is_cpu() {
         let mut sum = weight.to_dtype(DType::F32)?;
         for p in parts {
@@ -315,7 +316,8 @@ fn merged_weight(weight: &Tensor, parts: &[Part], split: bool) -> Result<Tensor,
     }
     let out = weight.dim(0)?;
     let inner = weight.elem_count() / out.max(1);
-    let mut w: Vec<f32> = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let original = weight.to_dtype(DType::F32)?.contiguous()?;
+    let mut merged: Option<Vec<f32>> = None;
     for p in parts {
         let r = p.down.dim(0)?;
         let up: Vec<f32> = p.up.to_dtype(DType::F32)?.affine(p.scale, 0.0)?.flatten_all()?.to_vec1()?;
@@ -323,33 +325,22 @@ fn merged_weight(weight: &Tensor, parts: &[Part], split: bool) -> Result<Tensor,
         if up.len() != out * r || down.len() != r * inner {
             return Err(LoraError::Layout { down: p.down.dims().to_vec(), up: p.up.dims().to_vec() });
         }
-        // SAFETY: `w` is `out × inner`, `up` is `out × r` and `down` is `r × inner`, all
-        // row-major and checked above; `w` is a fresh buffer that aliases neither input.
-        unsafe {
-            gemm::gemm(
-                inner,
-                out,
-                r,
-                w.as_mut_ptr(),
-                inner as isize,
-                1,
-                true,
-                down.as_ptr(),
-                inner as isize,
-                1,
-                up.as_ptr(),
-                r as isize,
-                1,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                if split { gemm::Parallelism::Rayon(rayon::current_num_threads()) } else { gemm::Parallelism::None },
-            )
-        };
+        let sizes = (out, inner, r);
+        match &mut merged {
+            Some(w) => add_product_in_place(w, &up, &down, sizes, split),
+            None => {
+                let w = easyphoto_diffusion::cpu::with_f32s([&original], |[w]| {
+                    Ok(add_product(w, &up, &down, sizes, split))
+                })?;
+                merged = Some(w);
+            }
+        }
     }
-    Ok(Tensor::from_vec(w, weight.dims(), weight.device())?.to_dtype(weight.dtype())?)
+    let merged = match merged {
+        Some(w) => Tensor::from_vec(w, weight.dims(), weight.device())?,
+        None => original,
+    };
+    Ok(merged.to_dtype(weight.dtype())?)
 }
 
 /// Attaches `loras` (each with its multiplier) to `targets` as run-time [`LoraAdapter`]s, in the

@@ -43,6 +43,7 @@ pub mod norm;
 pub mod norm_backward;
 pub mod pointwise;
 pub mod profile;
+pub mod rank_update;
 mod simd;
 pub mod text_layer;
 mod winograd;
