@@ -54,31 +54,39 @@ pub(super) unsafe fn sgemm(
     }
 }
 
+/// What a product does with its destination.
+#[derive(Clone, Copy)]
+pub(super) enum Dst<'a> {
+    /// `dst = a · b`.
+    Overwrite,
+    /// `dst += a · b`.
+    Accumulate,
+    /// `dst = bias + a · b`, with `bias` one value per column.
+    Bias(&'a [f32]),
+}
+
 /// [`sgemm`] split into row bands × column chunks (the [`super::linear::grid`] split), one
 /// single-threaded product per task on rayon's pool: for the small and mid-size products of
 /// training, where gemm's own threading costs more than it gains.
 ///
 /// # Safety
-/// As [`sgemm`].
+/// As [`sgemm`]; a bias holds `n` values.
 pub(super) unsafe fn par_sgemm(
     (m, n, k): (usize, usize, usize),
     dst: *mut f32,
     dst_rs: usize,
-    accumulate: bool,
+    init: Dst,
     (a, a_rs, a_cs): (*const f32, usize, usize),
     (b, b_rs, b_cs): (*const f32, usize, usize),
 ) {
     use rayon::prelude::*;
     let threads = super::threads();
-    if threads == 1 || m * n * k < 1 << 18 {
-        return unsafe { sgemm((m, n, k), dst, dst_rs, accumulate, (a, a_rs, a_cs), (b, b_rs, b_cs), 1) };
-    }
-    let (rb, cb) = super::linear::grid(m, n, threads);
+    let (rb, cb) = if threads == 1 || m * n * k < 1 << 18 { (1, 1) } else { super::linear::grid(m, n, threads) };
     let band = m.div_ceil(rb);
     let chunk = n.div_ceil(cb).next_multiple_of(16).min(n);
-    let cb = n.div_ceil(chunk);
+    let cb = n.div_ceil(chunk.max(1));
     let (dst, a, b) = (dst as usize, a as usize, b as usize);
-    (0..rb * cb).into_par_iter().for_each(|task| {
+    let task = |task: usize| {
         let (r0, c0) = ((task / cb) * band, (task % cb) * chunk);
         let (nr, nc) = (band.min(m.saturating_sub(r0)), chunk.min(n.saturating_sub(c0)));
         if nr == 0 || nc == 0 {
@@ -87,15 +95,20 @@ pub(super) unsafe fn par_sgemm(
         let (dst, a, b) = (dst as *mut f32, a as *const f32, b as *const f32);
         // SAFETY: each task writes its own block of `dst`; the caller guarantees the rest.
         unsafe {
-            sgemm(
-                (nr, nc, k),
-                dst.add(r0 * dst_rs + c0),
-                dst_rs,
-                accumulate,
-                (a.add(r0 * a_rs), a_rs, a_cs),
-                (b.add(c0 * b_cs), b_rs, b_cs),
-                1,
-            )
+            let block = dst.add(r0 * dst_rs + c0);
+            if let Dst::Bias(bias) = init {
+                for r in 0..nr {
+                    std::ptr::copy_nonoverlapping(bias[c0..c0 + nc].as_ptr(), block.add(r * dst_rs), nc);
+                }
+            }
+            let accumulate = !matches!(init, Dst::Overwrite);
+            let (a, b) = ((a.add(r0 * a_rs), a_rs, a_cs), (b.add(c0 * b_cs), b_rs, b_cs));
+            sgemm((nr, nc, k), block, dst_rs, accumulate, a, b, 1)
         };
-    });
+    };
+    if rb * cb == 1 {
+        task(0);
+    } else {
+        (0..rb * cb).into_par_iter().for_each(task);
+    }
 }

@@ -18,7 +18,7 @@ use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use super::gemm::par_sgemm as sgemm;
+use super::gemm::{Dst, par_sgemm as sgemm};
 use super::{Weights, f32_data, on_cpu, profile, with_f32s};
 
 /// `x (W + scale·up·down)ᵀ + b` for `x` `[…, in]`, a frozen `weight` `[out, in]` (f32, f16 or
@@ -82,25 +82,26 @@ fn scaled(m: &[f32], scale: f32) -> Vec<f32> {
 }
 
 impl LowRankOp {
-    /// The frozen weight as f32 `[out, in]`, plus `s·U·D` when `merged`.
-    fn effective_weight(
+    /// Calls `f` with the frozen weight as f32 `[out, in]` (borrowed when it is f32), plus
+    /// `s·U·D` when `merged`.
+    fn with_weight<R>(
         &self,
         up: &[f32],
         down: &[f32],
         (out, inp, r): (usize, usize, usize),
         merged: bool,
-    ) -> Result<Vec<f32>> {
+        f: impl FnOnce(&[f32]) -> Result<R>,
+    ) -> Result<R> {
         let (storage, layout) = self.weight.storage_and_layout();
         let candle_core::Storage::Cpu(s) = &*storage else {
             candle_core::bail!("linear+low-rank: weight not on the CPU")
         };
-        let mut w = Weights::of(s, layout)?.to_f32().into_owned();
+        let w = Weights::of(s, layout)?.to_f32();
         if merged {
-            let us = scaled(up, self.scale);
-            // SAFETY: `us` is [out, r], `down` [r, in], `w` [out, in].
-            unsafe { sgemm((out, inp, r), w.as_mut_ptr(), inp, true, (us.as_ptr(), r, 1), (down.as_ptr(), inp, 1)) };
+            f(&super::rank_update::add_product(&w, &scaled(up, self.scale), down, (out, inp, r), true))
+        } else {
+            f(&w)
         }
-        Ok(w)
     }
 }
 
@@ -121,20 +122,24 @@ impl CustomOp3 for LowRankOp {
         let (x, down, up) = (f32_data(xs, xl)?, f32_data(ds, dl)?, f32_data(us, ul)?);
         let ((r, inp), (out, _)) = (dl.shape().dims2()?, ul.shape().dims2()?);
         let rows = x.len() / inp.max(1);
-        let mut y = match &self.bias {
-            Some(b) => with_f32s([b], |[b]| Ok(b.repeat(rows)))?,
-            None => vec![0f32; rows * out],
-        };
         let merged = merge(rows, inp, out, r);
-        let w = self.effective_weight(up, down, (out, inp, r), merged)?;
-        // SAFETY (all products): each buffer holds the rows × columns its strides address.
-        unsafe { sgemm((rows, out, inp), y.as_mut_ptr(), out, true, (x.as_ptr(), inp, 1), (w.as_ptr(), 1, inp)) };
+        let mut y = vec![0f32; rows * out];
+        self.with_weight(up, down, (out, inp, r), merged, |w| {
+            let (x_, w_t, dst) = ((x.as_ptr(), inp, 1), (w.as_ptr(), 1, inp), y.as_mut_ptr());
+            // SAFETY (all products): each buffer holds the rows × columns its strides address.
+            match &self.bias {
+                Some(b) => {
+                    with_f32s([b], |[b]| Ok(unsafe { sgemm((rows, out, inp), dst, out, Dst::Bias(b), x_, w_t) }))
+                }
+                None => Ok(unsafe { sgemm((rows, out, inp), dst, out, Dst::Overwrite, x_, w_t) }),
+            }
+        })?;
         if !merged {
             let mut h = vec![0f32; rows * r];
             let us = scaled(up, self.scale);
             unsafe {
-                sgemm((rows, r, inp), h.as_mut_ptr(), r, false, (x.as_ptr(), inp, 1), (down.as_ptr(), 1, inp));
-                sgemm((rows, out, r), y.as_mut_ptr(), out, true, (h.as_ptr(), r, 1), (us.as_ptr(), 1, r));
+                sgemm((rows, r, inp), h.as_mut_ptr(), r, Dst::Overwrite, (x.as_ptr(), inp, 1), (down.as_ptr(), 1, inp));
+                sgemm((rows, out, r), y.as_mut_ptr(), out, Dst::Accumulate, (h.as_ptr(), r, 1), (us.as_ptr(), 1, r));
             }
             *self.hidden.lock().unwrap_or_else(|e| e.into_inner()) = Some(h);
         }
@@ -167,10 +172,10 @@ impl CustomOp3 for LowRankOp {
                 let mut m = vec![0f32; out * inp];
                 unsafe {
                     let g_t = (g.as_ptr(), 1, out);
-                    sgemm((out, inp, rows), m.as_mut_ptr(), inp, false, g_t, (xd.as_ptr(), inp, 1));
+                    sgemm((out, inp, rows), m.as_mut_ptr(), inp, Dst::Overwrite, g_t, (xd.as_ptr(), inp, 1));
                     let m_ = (m.as_ptr(), inp, 1);
-                    sgemm((out, r, inp), d_up.as_mut_ptr(), r, false, m_, (dd.as_ptr(), 1, inp));
-                    sgemm((r, inp, out), d_down.as_mut_ptr(), inp, false, (ud.as_ptr(), 1, r), m_);
+                    sgemm((out, r, inp), d_up.as_mut_ptr(), r, Dst::Overwrite, m_, (dd.as_ptr(), 1, inp));
+                    sgemm((r, inp, out), d_down.as_mut_ptr(), inp, Dst::Overwrite, (ud.as_ptr(), 1, r), m_);
                 }
                 d_down.iter_mut().for_each(|v| *v *= self.scale);
             } else {
@@ -179,29 +184,46 @@ impl CustomOp3 for LowRankOp {
                     None => {
                         let mut h = vec![0f32; rows * r];
                         let (x_, d_t) = ((xd.as_ptr(), inp, 1), (dd.as_ptr(), 1, inp));
-                        unsafe { sgemm((rows, r, inp), h.as_mut_ptr(), r, false, x_, d_t) };
+                        unsafe { sgemm((rows, r, inp), h.as_mut_ptr(), r, Dst::Overwrite, x_, d_t) };
                         h
                     }
                 };
                 // s·G·U, then dD = (s·G·U)ᵀ·x, dU = Gᵀ·H (scaled below), dx += (s·G·U)·D.
                 let mut gu = vec![0f32; rows * r];
                 unsafe {
-                    sgemm((rows, r, out), gu.as_mut_ptr(), r, false, (g.as_ptr(), out, 1), (ud.as_ptr(), r, 1));
+                    sgemm(
+                        (rows, r, out),
+                        gu.as_mut_ptr(),
+                        r,
+                        Dst::Overwrite,
+                        (g.as_ptr(), out, 1),
+                        (ud.as_ptr(), r, 1),
+                    );
                     gu.iter_mut().for_each(|v| *v *= self.scale);
                     let (gu_t, x_) = ((gu.as_ptr(), 1, r), (xd.as_ptr(), inp, 1));
-                    sgemm((r, inp, rows), d_down.as_mut_ptr(), inp, false, gu_t, x_);
-                    sgemm((out, r, rows), d_up.as_mut_ptr(), r, false, (g.as_ptr(), 1, out), (h.as_ptr(), r, 1));
+                    sgemm((r, inp, rows), d_down.as_mut_ptr(), inp, Dst::Overwrite, gu_t, x_);
+                    sgemm(
+                        (out, r, rows),
+                        d_up.as_mut_ptr(),
+                        r,
+                        Dst::Overwrite,
+                        (g.as_ptr(), 1, out),
+                        (h.as_ptr(), r, 1),
+                    );
                     if let Some(dx) = &mut dx {
                         let (gu_, d_) = ((gu.as_ptr(), r, 1), (dd.as_ptr(), inp, 1));
-                        sgemm((rows, inp, r), dx.as_mut_ptr(), inp, false, gu_, d_);
+                        sgemm((rows, inp, r), dx.as_mut_ptr(), inp, Dst::Overwrite, gu_, d_);
                     }
                 }
             }
             d_up.iter_mut().for_each(|v| *v *= self.scale);
             if let Some(dx) = &mut dx {
-                let w = self.effective_weight(ud, dd, (out, inp, r), merged)?;
-                let (g_, w_) = ((g.as_ptr(), out, 1), (w.as_ptr(), inp, 1));
-                unsafe { sgemm((rows, inp, out), dx.as_mut_ptr(), inp, !merged, g_, w_) };
+                self.with_weight(ud, dd, (out, inp, r), merged, |w| {
+                    let (g_, w_) = ((g.as_ptr(), out, 1), (w.as_ptr(), inp, 1));
+                    let init = if merged { Dst::Overwrite } else { Dst::Accumulate };
+                    unsafe { sgemm((rows, inp, out), dx.as_mut_ptr(), inp, init, g_, w_) };
+                    Ok(())
+                })?;
             }
             Ok((
                 dx.map(|dx| Tensor::from_vec(dx, x.shape(), x.device())).transpose()?,
