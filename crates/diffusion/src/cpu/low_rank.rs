@@ -127,11 +127,16 @@ impl CustomOp3 for LowRankOp {
         self.with_weight(up, down, (out, inp, r), merged, |w| {
             let (x_, w_t, dst) = ((x.as_ptr(), inp, 1), (w.as_ptr(), 1, inp), y.as_mut_ptr());
             // SAFETY (all products): each buffer holds the rows × columns its strides address.
+            let product = |init| unsafe { sgemm((rows, out, inp), dst, out, init, x_, w_t) };
             match &self.bias {
-                Some(b) => {
-                    with_f32s([b], |[b]| Ok(unsafe { sgemm((rows, out, inp), dst, out, Dst::Bias(b), x_, w_t) }))
+                Some(b) => with_f32s([b], |[b]| {
+                    product(Dst::Bias(b));
+                    Ok(())
+                }),
+                None => {
+                    product(Dst::Overwrite);
+                    Ok(())
                 }
-                None => Ok(unsafe { sgemm((rows, out, inp), dst, out, Dst::Overwrite, x_, w_t) }),
             }
         })?;
         if !merged {
