@@ -127,7 +127,7 @@ impl CustomOp3 for LowRankOp {
         self.with_weight(up, down, (out, inp, r), merged, |w| {
             let (x_, w_t, dst) = ((x.as_ptr(), inp, 1), (w.as_ptr(), 1, inp), y.as_mut_ptr());
             // SAFETY (all products): each buffer holds the rows × columns its strides address.
-            let product = |init| unsafe { sgemm((rows, out, inp), dst, out, init, x_, w_t) };
+            let product = |init: Dst<'_>| unsafe { sgemm((rows, out, inp), dst, out, init, x_, w_t) };
             match &self.bias {
                 Some(b) => with_f32s([b], |[b]| {
                     product(Dst::Bias(b));
