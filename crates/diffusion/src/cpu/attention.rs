@@ -58,10 +58,28 @@ impl CustomOp3 for AttentionOp {
         vs: &CpuStorage,
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        self.forward((qs, ql), (ks, kl), (vs, vl), None)
+    }
+}
+
+impl AttentionOp {
+    /// The kernel on `(storage, layout)` views; with `lse` (`B·H·N` values) it also writes each
+    /// query's base-2 log-sum-exp of its scaled scores (`log2 Σ_j 2^(scale · log2 e · q·k_j)`),
+    /// which the training backward reuses.
+    pub(super) fn forward(
+        &self,
+        (qs, ql): (&CpuStorage, &Layout),
+        (ks, kl): (&CpuStorage, &Layout),
+        (vs, vl): (&CpuStorage, &Layout),
+        lse: Option<&mut [f32]>,
+    ) -> Result<(CpuStorage, Shape)> {
         let (b, h, n, d) = ql.shape().dims4()?;
         let (_, _, m, _) = kl.shape().dims4()?;
         if !has_avx512() {
             candle_core::bail!("easyphoto-attention needs AVX-512")
+        }
+        if lse.as_ref().is_some_and(|l| l.len() != b * h * n) {
+            candle_core::bail!("attention: log-sum-exp buffer of the wrong size")
         }
         let view = |s: &'_ CpuStorage, l: &Layout| -> Result<Strided> {
             let st = l.stride();
@@ -75,7 +93,7 @@ impl CustomOp3 for AttentionOp {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX-512 is present (checked above) and the views address their tensors.
         unsafe {
-            x86::attention(&q, &k, &v, (b, h, n, m, d), self.scale, &mut out)
+            x86::attention(&q, &k, &v, (b, h, n, m, d), self.scale, &mut out, lse)
         };
         Ok((CpuStorage::F32(out), Shape::from((b, n, h, d))))
     }
@@ -152,6 +170,7 @@ pub(super) mod x86 {
         (b, h, n, m, d): (usize, usize, usize, usize, usize),
         scale: f32,
         out: &mut [f32],
+        lse: Option<&mut [f32]>,
     ) {
         // Keys, transposed into panels of 32: kp[bh][panel][c][32], zero-padded past M.
         let panels = m.div_ceil(PANEL);
@@ -168,6 +187,7 @@ pub(super) mod x86 {
         });
         let blocks = n.div_ceil(BR);
         let out_ptr = SendPtr(out.as_mut_ptr());
+        let lse_ptr = lse.map(|l| SendPtr(l.as_mut_ptr()));
         let scale2 = scale * std::f32::consts::LOG2_E;
         (0..b * h * blocks).into_par_iter().for_each(|task| {
             let (bh, blk) = (task / blocks, task % blocks);
@@ -181,7 +201,7 @@ pub(super) mod x86 {
                     (q0, rows),
                     (n, h, m, d),
                     scale2,
-                    out_ptr.get(),
+                    (out_ptr.get(), lse_ptr.map(|p| p.get())),
                     bufs,
                 )
             });
@@ -199,7 +219,7 @@ pub(super) mod x86 {
         (q0, rows): (usize, usize),
         (n, h, m, d): (usize, usize, usize, usize),
         scale2: f32,
-        out: *mut f32,
+        (out, lse): (*mut f32, Option<*mut f32>),
         bufs: &mut Buffers,
     ) {
         let dp = d.next_multiple_of(16);
@@ -291,6 +311,9 @@ pub(super) mod x86 {
         }
         // out[bi, q0 + i, hi, :] = o[i] / sum[i]
         for (i, &total) in sum.iter().enumerate().take(rows) {
+            if let Some(lse) = lse {
+                unsafe { *lse.add((bi * h + hi) * n + q0 + i) = mx[i] + total.log2() };
+            }
             let inv = 1.0 / total;
             let dst = unsafe { out.add(((bi * n + q0 + i) * h + hi) * d) };
             for c in 0..d {

@@ -32,16 +32,18 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -
     if heads == 0 || !inner.is_multiple_of(heads) || (kb, kinner) != (b, inner) || v.dims() != k.dims() || m == 0 {
         return Ok(None);
     }
-    let op = TrainAttentionOp { heads, scale: scale as f32 };
+    let op = TrainAttentionOp { heads, scale: scale as f32, lse: std::sync::Mutex::new(None) };
     Ok(Some(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?))
 }
 
 /// The op on contiguous `(q [B, N, H·d], k [B, M, H·d], v [B, M, H·d])`; the result is
 /// `[B, N, H·d]`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct TrainAttentionOp {
     heads: usize,
     scale: f32,
+    /// Each query's base-2 log-sum-exp from the AVX-512 forward (`[B, H, N]`), for the backward.
+    lse: std::sync::Mutex<Option<Vec<f32>>>,
 }
 
 impl TrainAttentionOp {
@@ -70,7 +72,11 @@ impl CustomOp3 for TrainAttentionOp {
         if has_avx512() {
             let (qv, kv, vv) = (self.heads_view(ql)?, self.heads_view(kl)?, self.heads_view(vl)?);
             // [B, N, H, d] out, which is [B, N, H·d].
-            let (storage, _) = AttentionOp { scale: self.scale }.cpu_fwd(qs, &qv, ks, &kv, vs, &vv)?;
+            let (b, h, n, _) = qv.shape().dims4()?;
+            let mut lse = vec![0f32; b * h * n];
+            let op = AttentionOp { scale: self.scale };
+            let (storage, _) = op.forward((qs, &qv), (ks, &kv), (vs, &vv), Some(&mut lse))?;
+            *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
             return Ok((storage, ql.shape().clone()));
         }
         let heads = |s: &CpuStorage, l: &Layout| -> Result<Tensor> {
@@ -102,7 +108,8 @@ impl CustomOp3 for TrainAttentionOp {
             let dims = Dims { b, h, n, m, d };
             return with_f32s([q, k, v, res, &grad], |[qd, kd, vd, od, gd]| {
                 // SAFETY: AVX-512 is present; the buffers are contiguous [B, N|M, H·d].
-                let (dq, dk, dv) = unsafe { x86::backward(qd, kd, vd, od, gd, dims, self.scale) };
+                let lse = self.lse.lock().unwrap_or_else(|e| e.into_inner()).take();
+                let (dq, dk, dv) = unsafe { x86::backward(qd, kd, vd, od, gd, lse.as_deref(), dims, self.scale) };
                 let dev = q.device();
                 Ok((
                     Some(Tensor::from_vec(dq, q.shape(), dev)?),
@@ -191,6 +198,7 @@ mod x86 {
         v: &[f32],
         o: &[f32],
         go: &[f32],
+        lse: Option<&[f32]>,
         Dims { b, h, n, m, d }: Dims,
         scale: f32,
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
@@ -215,7 +223,12 @@ mod x86 {
                     d,
                     count,
                 };
-                let io = Head { q: at(q, n, r0, r1 - r0), o: at(o, n, r0, r1 - r0), go: at(go, n, r0, r1 - r0) };
+                let io = Head {
+                    q: at(q, n, r0, r1 - r0),
+                    o: at(o, n, r0, r1 - r0),
+                    go: at(go, n, r0, r1 - r0),
+                    lse: lse.map(|l| &l[(bi * h + hi) * n + r0..(bi * h + hi) * n + r1]),
+                };
                 // SAFETY: the caller guarantees AVX-512F.
                 unsafe { task(&io, at(k, m, 0, m), at(v, m, 0, m), scale) }
             })
@@ -258,11 +271,13 @@ mod x86 {
         }
     }
 
-    /// One task's queries, outputs and output gradients.
+    /// One task's queries, outputs, output gradients, and the queries' base-2 log-sum-exp
+    /// when the forward kept it.
     struct Head<'a> {
         q: Rows<'a>,
         o: Rows<'a>,
         go: Rows<'a>,
+        lse: Option<&'a [f32]>,
     }
 
     /// One task's results: its rows of `dQ` (`[rows, d]`) and its share of `dKᵀ`, `dVᵀ` (`[d, M]`
@@ -304,13 +319,18 @@ mod x86 {
             gs[i * d..][..d].copy_from_slice(io.go.row(i));
             dd[i] = io.go.row(i).iter().zip(io.o.row(i)).map(|(g, o)| g * o).sum();
         }
-        // Each query's log-sum-exp (base 2) over all keys.
+        // Each query's log-sum-exp (base 2) over all keys: the forward's, or recomputed.
         let mut lse = vec![0f32; groups * R];
-        let mut s = vec![0f32; R * ld];
-        for g in 0..groups {
-            rows_times_t(&qs[g * R * d..], (&kt, ld), 0, mp, d, (&mut s, ld));
-            for r in 0..R {
-                lse[g * R + r] = log2_sum_exp2(&s[r * ld..][..m]);
+        match io.lse {
+            Some(l) => lse[..rows].copy_from_slice(l),
+            None => {
+                let mut s = vec![0f32; R * ld];
+                for g in 0..groups {
+                    rows_times_t(&qs[g * R * d..], (&kt, ld), 0, mp, d, (&mut s, ld));
+                    for r in 0..R {
+                        lse[g * R + r] = log2_sum_exp2(&s[r * ld..][..m]);
+                    }
+                }
             }
         }
         let kb = ((16384 / d.max(1)) / L * L).clamp(L, 512).min(mp);
@@ -482,10 +502,14 @@ mod tests {
             };
             assert!(max_abs(&ours, &plain)? < 1e-5);
             let (g1, g2) = ((&ours * &w)?.sum_all()?.backward()?, (plain * &w)?.sum_all()?.backward()?);
+            // A second backward through the same graph recomputes the log-sum-exp the first took.
+            let g3 = (&ours * &w)?.sum_all()?.backward()?;
             for var in [&q, &k, &v] {
-                let (a, b) = (g1.get(var).expect("gradient"), g2.get(var).expect("gradient"));
-                let err = max_abs(a, b)?;
-                assert!(err < 1e-5, "n {n} m {m} d {d}: {err}");
+                let want = g2.get(var).expect("gradient");
+                for got in [&g1, &g3] {
+                    let err = max_abs(got.get(var).expect("gradient"), want)?;
+                    assert!(err < 1e-5, "n {n} m {m} d {d}: {err}");
+                }
             }
             // The candle-op fallback (CPUs without AVX-512) against the same composition.
             let (out, wh) = (split(&ours.detach())?, split(&w)?);
