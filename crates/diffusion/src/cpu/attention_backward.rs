@@ -109,7 +109,7 @@ impl CustomOp3 for TrainAttentionOp {
             return with_f32s([q, k, v, res, &grad], |[qd, kd, vd, od, gd]| {
                 // SAFETY: AVX-512 is present; the buffers are contiguous [B, N|M, H·d].
                 let lse = self.lse.lock().unwrap_or_else(|e| e.into_inner()).take();
-                let (dq, dk, dv) = unsafe { x86::backward(qd, kd, vd, od, gd, lse.as_deref(), dims, self.scale) };
+                let (dq, dk, dv) = unsafe { x86::backward(qd, kd, vd, (od, gd, lse.as_deref()), dims, self.scale) };
                 let dev = q.device();
                 Ok((
                     Some(Tensor::from_vec(dq, q.shape(), dev)?),
@@ -188,7 +188,8 @@ mod x86 {
     /// Lanes per vector.
     const L: usize = 16;
 
-    /// `(dQ, dK, dV)` in the token layout `[B, N|M, H·d]` of the inputs.
+    /// `(dQ, dK, dV)` in the token layout `[B, N|M, H·d]` of the inputs, from them, the output,
+    /// its gradient and (when the forward kept it) each query's log-sum-exp `[B, H, N]`.
     ///
     /// # Safety
     /// AVX-512F must be available and the slices must hold the shapes of `dims`.
@@ -196,9 +197,7 @@ mod x86 {
         q: &[f32],
         k: &[f32],
         v: &[f32],
-        o: &[f32],
-        go: &[f32],
-        lse: Option<&[f32]>,
+        (o, go, lse): (&[f32], &[f32], Option<&[f32]>),
         Dims { b, h, n, m, d }: Dims,
         scale: f32,
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
