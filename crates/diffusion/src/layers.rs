@@ -318,8 +318,7 @@ impl candle_core::CustomOp1 for FrozenOp {
                         return Ok(Some(g));
                     }
                 }
-                let out_size = (grad.dim(2)? - 1) * s + d * (w.dim(2)? - 1) + 1 - 2 * p;
-                grad.conv_transpose2d(w, p, arg.dim(2)? - out_size, s, d)?
+                col2im_input_grad(&grad.detach(), w, &cfg, (arg.dim(2)?, arg.dim(3)?))?
             }
         }))
     }
@@ -327,19 +326,54 @@ impl candle_core::CustomOp1 for FrozenOp {
 
 /// `w [C_out, C_in, k, k]` with its channel axes swapped and each kernel rotated by 180°.
 fn flip_kernel(w: &Tensor) -> Result<Tensor> {
+    use rayon::prelude::*;
     let (cout, cin, k, _) = w.dims4()?;
     let src = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let kk = k * k;
     let mut out = vec![0f32; src.len()];
-    for (ci, dst) in out.chunks_exact_mut(cout * kk).enumerate() {
+    out.par_chunks_exact_mut(cout * kk).enumerate().for_each(|(ci, dst)| {
         for (co, taps) in dst.chunks_exact_mut(kk).enumerate() {
             let from = &src[(co * cin + ci) * kk..][..kk];
             for (t, x) in taps.iter_mut().zip(from.iter().rev()) {
                 *t = *x;
             }
         }
-    }
+    });
     Tensor::from_vec(out, (cin, cout, k, k), w.device())
+}
+
+/// The input gradient of a convolution (any stride, padding and dilation) as `Wᵀ · grad`
+/// (one product per image: the gradient of every input tap) scattered back onto the input grid
+/// (col2im), for input maps of `(h, w)`. candle's `conv_transpose2d` is several times slower.
+fn col2im_input_grad(
+    grad: &Tensor,
+    w: &Tensor,
+    cfg: &candle_nn::Conv2dConfig,
+    (h, wd): (usize, usize),
+) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let (b, cout, ho, wo) = grad.dims4()?;
+    let (_, cin, kh, kw) = w.dims4()?;
+    let (s, p, d) = (cfg.stride, cfg.padding, cfg.dilation);
+    let wt = w.to_dtype(DType::F32)?.reshape((cout, cin * kh * kw))?.t()?;
+    let cols = wt.broadcast_matmul(&grad.to_dtype(DType::F32)?.contiguous()?.reshape((b, cout, ho * wo))?)?;
+    let cols = cols.flatten_all()?.to_vec1::<f32>()?;
+    let mut dx = vec![0f32; b * cin * h * wd];
+    dx.par_chunks_exact_mut(h * wd).enumerate().for_each(|(plane, dst)| {
+        let (bi, ci) = (plane / cin, plane % cin);
+        for (t, row) in cols[(bi * cin + ci) * kh * kw * ho * wo..].chunks_exact(ho * wo).take(kh * kw).enumerate() {
+            let (dy, dxk) = (t / kw, t % kw);
+            for oy in 0..ho {
+                let Some(y) = (oy * s + dy * d).checked_sub(p).filter(|&y| y < h) else { continue };
+                for ox in 0..wo {
+                    if let Some(x) = (ox * s + dxk * d).checked_sub(p).filter(|&x| x < wd) {
+                        dst[y * wd + x] += row[oy * wo + ox];
+                    }
+                }
+            }
+        }
+    });
+    Tensor::from_vec(dx, (b, cin, h, wd), grad.device())?.to_dtype(grad.dtype())
 }
 
 fn conv_kind(w: &Tensor, cfg: &candle_nn::Conv2dConfig) -> &'static str {

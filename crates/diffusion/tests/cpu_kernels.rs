@@ -251,6 +251,38 @@ fn geglu_gradient_matches_composition() {
 }
 
 #[test]
+fn strided_conv_input_gradient_is_the_adjoint() {
+    // The downsampler (3×3, stride 2, padding 1) on even and odd maps, and a strided 2×2 without
+    // padding whose last column no output reads. The input gradient `g` of `Σ wt ⊙ conv(x)` must
+    // satisfy `Σ wt ⊙ conv₀(z) = Σ z ⊙ g` for any `z` (conv₀: without bias), and equal candle's
+    // conv2d gradient where candle gets the shape right.
+    for (x_dims, k, stride, padding) in [([2, 6, 20, 20], 3, 2, 1), ([1, 5, 21, 19], 3, 2, 1), ([1, 4, 9, 8], 2, 2, 0)] {
+        let cout = 7;
+        let (w, b) = (randn(&[cout, x_dims[1], k, k], 70), randn(&[cout], 71));
+        let weights = [("weight".to_string(), w.clone()), ("bias".to_string(), b.clone())];
+        let vb = candle_nn::VarBuilder::from_tensors(weights.into_iter().collect(), DType::F32, &Device::Cpu);
+        let conv = easyphoto_diffusion::layers::Conv2d::new(vb, x_dims[1], cout, k, stride, padding).unwrap();
+        let x = Var::from_tensor(&randn(&x_dims, 72)).unwrap();
+        let got = conv.forward(x.as_tensor()).unwrap();
+        let plain = |x: &Tensor| x.conv2d(&w, padding, stride, 1, 1).unwrap();
+        let biased = plain(x.as_tensor()).broadcast_add(&b.reshape((1, cout, 1, 1)).unwrap()).unwrap();
+        assert!(rel_err(&got, &biased) < 1e-5);
+        let wt = randn(got.dims(), 73);
+        let grad = |y: Tensor| (y * &wt).unwrap().sum_all().unwrap().backward().unwrap().remove(x.as_tensor()).unwrap();
+        let g = grad(got);
+        assert_eq!(g.dims(), &x_dims);
+        let z = randn(&x_dims, 74);
+        let sum = |t: Tensor| t.sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let (lhs, rhs) = (sum((plain(&z) * &wt).unwrap()), sum((&z * &g).unwrap()));
+        assert!((lhs - rhs).abs() < 1e-4 * lhs.abs().max(1.0), "{x_dims:?}: adjoint {lhs} vs {rhs}");
+        if x_dims[2] % stride == 0 && x_dims[3] % stride == 0 && padding > 0 {
+            let err = rel_err(&g, &grad(biased));
+            assert!(err < 1e-5, "{x_dims:?} k{k} s{stride} p{padding}: rel err {err}");
+        }
+    }
+}
+
+#[test]
 fn norm_gradients_match_composition() {
     // Group norm (alone and with SiLU) and layer norm with frozen affines, on inputs whose mean
     // is far from zero, against candle's differentiable compositions.
