@@ -57,6 +57,8 @@ fn attention(c: &mut Criterion, name: &str, (b, h, n, m, d): (usize, usize, usiz
 
 /// Forward and backward of the training attention (LoRA training's self-attention shapes).
 fn attention_backward(c: &mut Criterion, name: &str, (b, h, n, m, d): (usize, usize, usize, usize, usize)) {
+    // As in training (see `train_step`): freed outputs stay in the heap.
+    cpu::keep_freed_memory();
     let mut group = c.benchmark_group(name);
     group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(5));
     let var = |len| candle_core::Var::from_tensor(&randn(&[b, len, h * d])).unwrap();
@@ -71,7 +73,27 @@ fn attention_backward(c: &mut Criterion, name: &str, (b, h, n, m, d): (usize, us
     group.finish();
 }
 
+/// Forward and backward of a linear layer with a trained rank-128 LoRA (LoRA training's shapes).
+fn low_rank(c: &mut Criterion, name: &str, (rows, inp, out): (usize, usize, usize)) {
+    // As in training (see `train_step`): freed outputs stay in the heap.
+    cpu::keep_freed_memory();
+    let mut group = c.benchmark_group(name);
+    group.sample_size(20).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
+    let var = |shape: &[usize]| candle_core::Var::from_tensor(&(randn(shape) * 0.1).unwrap()).unwrap();
+    let (x, down, up) = (var(&[1, rows, inp]), var(&[128, inp]), var(&[out, 128]));
+    let (w, b, wt) = (randn(&[out, inp]), randn(&[out]), randn(&[1, rows, out]));
+    group.bench_function("kernel", |bench| {
+        bench.iter(|| {
+            let y = cpu::low_rank::linear(&x, &w, Some(&b), &down, &up, 0.5).unwrap().unwrap();
+            (y * &wt).unwrap().sum_all().unwrap().backward().unwrap()
+        })
+    });
+    group.finish();
+}
+
 fn attentions(c: &mut Criterion) {
+    low_rank(c, "linear+lora fwd+bwd [1024,128]->128", (1024, 128, 128));
+    low_rank(c, "linear+lora fwd+bwd [1024,128]->1024", (1024, 128, 1024));
     attention_backward(c, "attention fwd+bwd [1,8,1024,16]", (1, 8, 1024, 1024, 16));
     attention_backward(c, "attention fwd+bwd [1,8,4096,40]", (1, 8, 4096, 4096, 40));
     attention(c, "attention self [2,8,4096,40]", (2, 8, 4096, 4096, 40));
