@@ -256,7 +256,8 @@ fn strided_conv_input_gradient_is_the_adjoint() {
     // padding whose last column no output reads. The input gradient `g` of `Σ wt ⊙ conv(x)` must
     // satisfy `Σ wt ⊙ conv₀(z) = Σ z ⊙ g` for any `z` (conv₀: without bias), and equal candle's
     // conv2d gradient where candle gets the shape right.
-    for (x_dims, k, stride, padding) in [([2, 6, 20, 20], 3, 2, 1), ([1, 5, 21, 19], 3, 2, 1), ([1, 4, 9, 8], 2, 2, 0)] {
+    for (x_dims, k, stride, padding) in [([2, 6, 20, 20], 3, 2, 1), ([1, 5, 21, 19], 3, 2, 1), ([1, 4, 9, 8], 2, 2, 0)]
+    {
         let cout = 7;
         let (w, b) = (randn(&[cout, x_dims[1], k, k], 70), randn(&[cout], 71));
         let weights = [("weight".to_string(), w.clone()), ("bias".to_string(), b.clone())];
