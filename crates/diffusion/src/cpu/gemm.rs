@@ -112,3 +112,25 @@ pub(super) unsafe fn par_sgemm(
         (0..rb * cb).into_par_iter().for_each(task);
     }
 }
+
+/// A new row-major `m × n` buffer holding `a · b` (`init`: [`Dst::Overwrite`] or
+/// [`Dst::Bias`]), through [`par_sgemm`], written without being zero-filled first (with
+/// `keep_freed_memory` a zeroed allocation is a serial memset).
+///
+/// # Safety
+/// As [`par_sgemm`].
+pub(super) unsafe fn par_product(
+    (m, n, k): (usize, usize, usize),
+    init: Dst,
+    a: (*const f32, usize, usize),
+    b: (*const f32, usize, usize),
+) -> Vec<f32> {
+    assert!(!matches!(init, Dst::Accumulate), "a new buffer has nothing to accumulate into");
+    let mut out = Vec::with_capacity(m * n);
+    // SAFETY: `out` has room for m × n values, and the product writes every one of them.
+    unsafe {
+        par_sgemm((m, n, k), out.as_mut_ptr(), n, init, a, b);
+        out.set_len(m * n);
+    }
+    out
+}

@@ -18,7 +18,7 @@ use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use super::gemm::{Dst, par_sgemm as sgemm};
+use super::gemm::{Dst, par_product, par_sgemm as sgemm};
 use super::{Weights, f32_data, on_cpu, profile, with_f32s};
 
 /// `x (W + scale·up·down)ᵀ + b` for `x` `[…, in]`, a frozen `weight` `[out, in]` (f32, f16 or
@@ -123,29 +123,21 @@ impl CustomOp3 for LowRankOp {
         let ((r, inp), (out, _)) = (dl.shape().dims2()?, ul.shape().dims2()?);
         let rows = x.len() / inp.max(1);
         let merged = merge(rows, inp, out, r);
-        let mut y = vec![0f32; rows * out];
-        self.with_weight(up, down, (out, inp, r), merged, |w| {
-            let (x_, w_t, dst) = ((x.as_ptr(), inp, 1), (w.as_ptr(), 1, inp), y.as_mut_ptr());
-            // SAFETY (all products): each buffer holds the rows × columns its strides address.
-            let product = |init: Dst<'_>| unsafe { sgemm((rows, out, inp), dst, out, init, x_, w_t) };
+        // SAFETY (all products): each buffer holds the rows × columns its strides address.
+        let mut y = self.with_weight(up, down, (out, inp, r), merged, |w| {
+            let (x_, w_t) = ((x.as_ptr(), inp, 1), (w.as_ptr(), 1, inp));
             match &self.bias {
-                Some(b) => with_f32s([b], |[b]| {
-                    product(Dst::Bias(b));
-                    Ok(())
-                }),
-                None => {
-                    product(Dst::Overwrite);
-                    Ok(())
-                }
+                Some(b) => with_f32s([b], |[b]| Ok(unsafe { par_product((rows, out, inp), Dst::Bias(b), x_, w_t) })),
+                None => Ok(unsafe { par_product((rows, out, inp), Dst::Overwrite, x_, w_t) }),
             }
         })?;
         if !merged {
-            let mut h = vec![0f32; rows * r];
             let us = scaled(up, self.scale);
+            let h =
+                unsafe { par_product((rows, r, inp), Dst::Overwrite, (x.as_ptr(), inp, 1), (down.as_ptr(), 1, inp)) };
             unsafe {
-                sgemm((rows, r, inp), h.as_mut_ptr(), r, Dst::Overwrite, (x.as_ptr(), inp, 1), (down.as_ptr(), 1, inp));
-                sgemm((rows, out, r), y.as_mut_ptr(), out, Dst::Accumulate, (h.as_ptr(), r, 1), (us.as_ptr(), 1, r));
-            }
+                sgemm((rows, out, r), y.as_mut_ptr(), out, Dst::Accumulate, (h.as_ptr(), r, 1), (us.as_ptr(), 1, r))
+            };
             *self.hidden.lock().unwrap_or_else(|e| e.into_inner()) = Some(h);
         }
         let mut dims = xl.dims().to_vec();
@@ -170,66 +162,50 @@ impl CustomOp3 for LowRankOp {
         let saved = self.hidden.lock().unwrap_or_else(|e| e.into_inner()).take();
         let merged = merge(rows, inp, out, r);
         with_f32s([x, down, up, &grad], |[xd, dd, ud, g]| {
-            let (mut d_down, mut d_up) = (vec![0f32; r * inp], vec![0f32; out * r]);
-            let mut dx = x.track_op().then(|| vec![0f32; rows * inp]);
+            let (g_, g_t, x_) = ((g.as_ptr(), out, 1), (g.as_ptr(), 1, out), (xd.as_ptr(), inp, 1));
             // SAFETY (all products): each buffer holds what its strides address.
-            if merged {
-                let mut m = vec![0f32; out * inp];
-                unsafe {
-                    let g_t = (g.as_ptr(), 1, out);
-                    sgemm((out, inp, rows), m.as_mut_ptr(), inp, Dst::Overwrite, g_t, (xd.as_ptr(), inp, 1));
-                    let m_ = (m.as_ptr(), inp, 1);
-                    sgemm((out, r, inp), d_up.as_mut_ptr(), r, Dst::Overwrite, m_, (dd.as_ptr(), 1, inp));
-                    sgemm((r, inp, out), d_down.as_mut_ptr(), inp, Dst::Overwrite, (ud.as_ptr(), 1, r), m_);
-                }
-                d_down.iter_mut().for_each(|v| *v *= self.scale);
+            let (mut d_down, mut d_up, dx) = if merged {
+                let m = unsafe { par_product((out, inp, rows), Dst::Overwrite, g_t, x_) };
+                let m_ = (m.as_ptr(), inp, 1);
+                let d_up = unsafe { par_product((out, r, inp), Dst::Overwrite, m_, (dd.as_ptr(), 1, inp)) };
+                let d_down = unsafe { par_product((r, inp, out), Dst::Overwrite, (ud.as_ptr(), 1, r), m_) };
+                let dx = match x.track_op() {
+                    true => Some(self.with_weight(ud, dd, (out, inp, r), true, |w| {
+                        Ok(unsafe { par_product((rows, inp, out), Dst::Overwrite, g_, (w.as_ptr(), inp, 1)) })
+                    })?),
+                    false => None,
+                };
+                (d_down, d_up, dx)
             } else {
                 let h = match saved {
                     Some(h) => h,
-                    None => {
-                        let mut h = vec![0f32; rows * r];
-                        let (x_, d_t) = ((xd.as_ptr(), inp, 1), (dd.as_ptr(), 1, inp));
-                        unsafe { sgemm((rows, r, inp), h.as_mut_ptr(), r, Dst::Overwrite, x_, d_t) };
-                        h
-                    }
+                    None => unsafe { par_product((rows, r, inp), Dst::Overwrite, x_, (dd.as_ptr(), 1, inp)) },
                 };
-                // s·G·U, then dD = (s·G·U)ᵀ·x, dU = Gᵀ·H (scaled below), dx += (s·G·U)·D.
-                let mut gu = vec![0f32; rows * r];
-                unsafe {
-                    sgemm(
-                        (rows, r, out),
-                        gu.as_mut_ptr(),
-                        r,
-                        Dst::Overwrite,
-                        (g.as_ptr(), out, 1),
-                        (ud.as_ptr(), r, 1),
-                    );
-                    gu.iter_mut().for_each(|v| *v *= self.scale);
-                    let (gu_t, x_) = ((gu.as_ptr(), 1, r), (xd.as_ptr(), inp, 1));
-                    sgemm((r, inp, rows), d_down.as_mut_ptr(), inp, Dst::Overwrite, gu_t, x_);
-                    sgemm(
-                        (out, r, rows),
-                        d_up.as_mut_ptr(),
-                        r,
-                        Dst::Overwrite,
-                        (g.as_ptr(), 1, out),
-                        (h.as_ptr(), r, 1),
-                    );
-                    if let Some(dx) = &mut dx {
-                        let (gu_, d_) = ((gu.as_ptr(), r, 1), (dd.as_ptr(), inp, 1));
-                        sgemm((rows, inp, r), dx.as_mut_ptr(), inp, Dst::Overwrite, gu_, d_);
+                // s·G·U, then dD = (s·G·U)ᵀ·x, dU = Gᵀ·H (scaled below), dx = (s·G·U)·D + G·W.
+                let mut gu = unsafe { par_product((rows, r, out), Dst::Overwrite, g_, (ud.as_ptr(), r, 1)) };
+                gu.iter_mut().for_each(|v| *v *= self.scale);
+                let d_down = unsafe { par_product((r, inp, rows), Dst::Overwrite, (gu.as_ptr(), 1, r), x_) };
+                let d_up = unsafe { par_product((out, r, rows), Dst::Overwrite, g_t, (h.as_ptr(), r, 1)) };
+                let dx = match x.track_op() {
+                    true => {
+                        let mut dx = unsafe {
+                            par_product((rows, inp, r), Dst::Overwrite, (gu.as_ptr(), r, 1), (dd.as_ptr(), inp, 1))
+                        };
+                        self.with_weight(ud, dd, (out, inp, r), false, |w| {
+                            let w_ = (w.as_ptr(), inp, 1);
+                            unsafe { sgemm((rows, inp, out), dx.as_mut_ptr(), inp, Dst::Accumulate, g_, w_) };
+                            Ok(())
+                        })?;
+                        Some(dx)
                     }
-                }
+                    false => None,
+                };
+                (d_down, d_up, dx)
+            };
+            if merged {
+                d_down.iter_mut().for_each(|v| *v *= self.scale);
             }
             d_up.iter_mut().for_each(|v| *v *= self.scale);
-            if let Some(dx) = &mut dx {
-                self.with_weight(ud, dd, (out, inp, r), merged, |w| {
-                    let (g_, w_) = ((g.as_ptr(), out, 1), (w.as_ptr(), inp, 1));
-                    let init = if merged { Dst::Overwrite } else { Dst::Accumulate };
-                    unsafe { sgemm((rows, inp, out), dx.as_mut_ptr(), inp, init, g_, w_) };
-                    Ok(())
-                })?;
-            }
             Ok((
                 dx.map(|dx| Tensor::from_vec(dx, x.shape(), x.device())).transpose()?,
                 Some(Tensor::from_vec(d_down, (r, inp), down.device())?),
