@@ -273,6 +273,31 @@ impl candle_core::CustomOp1 for FrozenOp {
         let (candle_core::CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets()) else {
             candle_core::bail!("frozen layer: expected a contiguous f32 input")
         };
+        // The kernels' ops run on the input's storage directly (no copies in or out).
+        let weight = self.weight.contiguous()?;
+        let direct = match self.kind {
+            Frozen::Linear => layout.dims().last() == weight.dims().get(1),
+            Frozen::Conv2d(cfg) => cfg.dilation == 1 && layout.dims().len() == 4 && layout.dims()[1] == weight.dim(1)?,
+        };
+        if direct {
+            let bias = match &self.bias {
+                Some(b) => b.to_dtype(DType::F32)?.contiguous()?,
+                None => Tensor::zeros(weight.dim(0)?, DType::F32, &candle_core::Device::Cpu)?,
+            };
+            let ((ws, wl), (bs, bl)) = (weight.storage_and_layout(), bias.storage_and_layout());
+            let (candle_core::Storage::Cpu(ws), candle_core::Storage::Cpu(bs)) = (&*ws, &*bs) else {
+                candle_core::bail!("frozen layer: weights not on the CPU")
+            };
+            use candle_core::CustomOp3;
+            return match self.kind {
+                Frozen::Linear => crate::cpu::linear::LinearOp.cpu_fwd(storage, layout, ws, wl, bs, bl),
+                Frozen::Conv2d(cfg) => {
+                    let winograd = crate::cpu::conv::Winograd::from_env();
+                    let op = crate::cpu::conv::Conv2dOp { stride: cfg.stride, padding: cfg.padding, winograd };
+                    op.cpu_fwd(storage, layout, ws, wl, bs, bl)
+                }
+            };
+        }
         let x = Tensor::from_slice(&data[start..end], layout.shape(), &candle_core::Device::Cpu)?;
         let (w, b) = (&self.weight, self.bias.as_ref());
         let y = match self.kind {
@@ -328,17 +353,19 @@ impl candle_core::CustomOp1 for FrozenOp {
 fn flip_kernel(w: &Tensor) -> Result<Tensor> {
     use rayon::prelude::*;
     let (cout, cin, k, _) = w.dims4()?;
-    let src = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let kk = k * k;
-    let mut out = vec![0f32; src.len()];
-    out.par_chunks_exact_mut(cout * kk).enumerate().for_each(|(ci, dst)| {
-        for (co, taps) in dst.chunks_exact_mut(kk).enumerate() {
-            let from = &src[(co * cin + ci) * kk..][..kk];
-            for (t, x) in taps.iter_mut().zip(from.iter().rev()) {
-                *t = *x;
+    let out = crate::cpu::with_f32s([&w.to_dtype(DType::F32)?.contiguous()?], |[src]| {
+        let mut out = vec![0f32; src.len()];
+        out.par_chunks_exact_mut(cout * kk).enumerate().for_each(|(ci, dst)| {
+            for (co, taps) in dst.chunks_exact_mut(kk).enumerate() {
+                let from = &src[(co * cin + ci) * kk..][..kk];
+                for (t, x) in taps.iter_mut().zip(from.iter().rev()) {
+                    *t = *x;
+                }
             }
-        }
-    });
+        });
+        Ok(out)
+    })?;
     Tensor::from_vec(out, (cin, cout, k, k), w.device())
 }
 
