@@ -153,8 +153,13 @@ fn fused_step(p: &Tensor, g: &Tensor, (m, v): &(Tensor, Tensor), h: Hyper) -> Re
 /// `min(1, max_norm / (norm + 1e-6))`, as torch does) and returns the norm before clipping.
 pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64, LoraError> {
     let mut sum = 0f64;
-    for g in grads.iter() {
-        sum += match sum_of_squares(g) {
+    // f32 CPU gradients in parallel, in place; the others through tensor ops.
+    let fast: Vec<Option<f64>> = {
+        use rayon::prelude::*;
+        grads.par_iter().map(sum_of_squares).collect()
+    };
+    for (g, fast) in grads.iter().zip(fast) {
+        sum += match fast {
             Some(s) => s,
             None => f64::from(g.sqr()?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?.sqrt()).powi(2),
         };
