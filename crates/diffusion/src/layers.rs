@@ -277,7 +277,9 @@ impl candle_core::CustomOp1 for FrozenOp {
         let weight = self.weight.contiguous()?;
         let direct = match self.kind {
             Frozen::Linear => layout.dims().last() == weight.dims().get(1),
-            Frozen::Conv2d(cfg) => cfg.dilation == 1 && layout.dims().len() == 4 && layout.dims()[1] == weight.dim(1)?,
+            Frozen::Conv2d(cfg) => {
+                cfg.dilation == 1 && layout.dims().len() == 4 && layout.dims()[1] == weight.dim(1)?
+            }
         };
         if direct {
             let bias = match &self.bias {
