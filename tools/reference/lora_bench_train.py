@@ -5,6 +5,9 @@ transformer blocks, random weights, float32; one warm-up step, median of the tim
 CPU time), peak RSS.
 
   OMP_NUM_THREADS=2 .venv-ref/bin/python tools/reference/lora_bench_train.py --threads 2 --runs 5
+
+`--config path/to/config.json` takes another UNet, with latents of its `sample_size` (as the
+Rust bench's `UNET_CONFIG`).
 """
 
 import argparse
@@ -30,10 +33,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--config", type=Path, default=CONFIG)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config(json.loads(CONFIG.read_text()))
+    config = json.loads(args.config.read_text())
+    unet = UNet2DConditionModel.from_config(config)
+    side = config["sample_size"]
     weights = peak_rss_mib()
     unet.requires_grad_(False)
     targets = sorted(
@@ -45,7 +51,7 @@ def main() -> None:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
     sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    latents, noise = torch.randn(1, 4, 32, 32), torch.randn(1, 4, 32, 32)
+    latents, noise = torch.randn(1, 4, side, side), torch.randn(1, 4, side, side)
     hidden, t = torch.randn(1, 77, 768), torch.tensor([500])
 
     def step() -> None:
@@ -63,7 +69,7 @@ def main() -> None:
         times.append(time.perf_counter() - start)
         cpu.append(time.process_time() - cpu_start)
     print(json.dumps({
-        "bench": "lora_train_step_mid_unet_b1",
+        "bench": f"lora_train_step_{args.config.stem}_b1",
         "impl": f"torch {torch.__version__} + peft",
         "modules": len(targets),
         "threads": torch.get_num_threads(),

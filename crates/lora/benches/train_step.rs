@@ -5,7 +5,9 @@
 //! `tools/reference/lora_bench_train.py` (same config, shapes and reporting).
 //!
 //! `RAYON_NUM_THREADS=2 cargo bench -p easyphoto-lora --bench train_step`   (env: RUNS=5; candle's
-//! element-wise pool is set to one thread unless `CANDLE_NUM_THREADS` says otherwise)
+//! element-wise pool is set to one thread unless `CANDLE_NUM_THREADS` says otherwise;
+//! `UNET_CONFIG=path/to/config.json` for another UNet, with latents of its `sample_size`, such
+//! as `tools/bench/configs/sd15_unet.json`: full-size SD1.5 at 512²)
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -25,10 +27,12 @@ fn main() {
     // Freed outputs stay in the heap for the next op (the diffusion crate's cpu::alloc).
     easyphoto_diffusion::cpu::keep_freed_memory();
     let device = Device::Cpu;
-    let config_path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/mid_unet.json");
-    let mut unet =
-        UNet2DConditionModel::new(random_var_builder(DType::F32, &device), &read_config(&config_path).unwrap())
-            .unwrap();
+    let config_path = std::env::var_os("UNET_CONFIG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/mid_unet.json"));
+    let unet_config = read_config(&config_path).unwrap();
+    let mut unet = UNet2DConditionModel::new(random_var_builder(DType::F32, &device), &unet_config).unwrap();
+    let side = unet_config.sample_size.expect("the UNet config gives its sample_size");
     let weights_mib = peak_rss_mib();
     let config = TrainConfig::default();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
@@ -40,8 +44,8 @@ fn main() {
     let vars: Vec<&Var> = params.iter().map(|(p, _)| *p).collect();
     let mut optimizer = AdamW::new(config.adam, &vars).unwrap();
     let scheduler = DdpmScheduler::new(config.noise_scheduler.clone()).unwrap();
-    let latents = Tensor::randn(0f32, 1.0, (1, 4, 32, 32), &device).unwrap();
-    let noise = Tensor::randn(0f32, 1.0, (1, 4, 32, 32), &device).unwrap();
+    let latents = Tensor::randn(0f32, 1.0, (1, 4, side, side), &device).unwrap();
+    let noise = Tensor::randn(0f32, 1.0, (1, 4, side, side), &device).unwrap();
     let hidden = Tensor::randn(0f32, 1.0, (1, 77, 768), &device).unwrap();
     let runs: usize = std::env::var("RUNS").ok().and_then(|r| r.parse().ok()).unwrap_or(5);
 
@@ -63,7 +67,8 @@ fn main() {
     times.sort_by(f64::total_cmp);
     cpu.sort_by(f64::total_cmp);
     println!(
-        "{{\"bench\": \"lora_train_step_mid_unet_b1\", \"impl\": \"easyphoto-rs\", \"modules\": {}, \"median_s\": {:.3}, \"cpu_median_s\": {:.2}, \"times_s\": {:?}, \"peak_rss_mib\": {}, \"weights_mib\": {}}}",
+        "{{\"bench\": \"lora_train_step_{}_b1\", \"impl\": \"easyphoto-rs\", \"modules\": {}, \"median_s\": {:.3}, \"cpu_median_s\": {:.2}, \"times_s\": {:?}, \"peak_rss_mib\": {}, \"weights_mib\": {}}}",
+        config_path.file_stem().map_or("unet".into(), |s| s.to_string_lossy()),
         network.modules().len(),
         times[times.len() / 2],
         cpu[cpu.len() / 2],
