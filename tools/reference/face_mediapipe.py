@@ -37,6 +37,7 @@ from face_onnx_io import resize_triangle
 
 ROOT = Path(__file__).resolve().parents[2]
 ASSETS = ROOT / "crates" / "face" / "tests" / "assets"
+MODELS = ROOT / "crates" / "face" / "assets" / "mediapipe"
 OUT = ROOT / "crates" / "face" / "tests" / "fixtures" / "mediapipe.safetensors"
 F32 = np.float32
 
@@ -171,8 +172,8 @@ def facemesh(session, rgb, box, kps):
 def main() -> None:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
-    det = ort.InferenceSession(str(ASSETS / "face_detection_short_range.onnx"), opts, providers=["CPUExecutionProvider"])
-    mesh = ort.InferenceSession(str(ASSETS / "face_landmark.onnx"), opts, providers=["CPUExecutionProvider"])
+    det = ort.InferenceSession(str(MODELS / "face_detection_short_range.onnx"), opts, providers=["CPUExecutionProvider"])
+    mesh = ort.InferenceSession(str(MODELS / "face_landmark.onnx"), opts, providers=["CPUExecutionProvider"])
     out = {}
     for key, name, crop in CASES:
         rgb = np.asarray(Image.open(ASSETS / name).convert("RGB"))

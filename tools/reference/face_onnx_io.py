@@ -72,7 +72,7 @@ def preprocess(path: Path, size: int) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=CRATE / "assets" / "face_detection_short_range.onnx")
+    parser.add_argument("--model", type=Path, default=CRATE.parent / "assets" / "mediapipe" / "face_detection_short_range.onnx")
     parser.add_argument("--image", type=Path, default=CRATE / "assets" / "astronaut.png")
     parser.add_argument("--out", type=Path, default=CRATE / "fixtures" / "blazeface_short_io.safetensors")
     args = parser.parse_args()

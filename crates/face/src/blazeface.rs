@@ -16,8 +16,8 @@ use crate::{FaceError, Input, OnnxModel, to_nchw_signed};
 const SIZE: u32 = 128;
 
 /// MediaPipe's `face_detection_short_range.onnx` (Apache-2.0; provenance in
-/// `tests/assets/LICENSES.md`).
-static SHORT_RANGE: &[u8] = include_bytes!("../tests/assets/face_detection_short_range.onnx");
+/// `assets/mediapipe/LICENSE.md`).
+static SHORT_RANGE: &[u8] = include_bytes!("../assets/mediapipe/face_detection_short_range.onnx");
 
 /// One BlazeFace detection, in image pixels.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -20,8 +20,8 @@ use crate::{FaceError, Input, OnnxModel};
 
 const SIZE: u32 = 192;
 
-/// MediaPipe's `face_landmark.onnx` (Apache-2.0; provenance in `tests/assets/LICENSES.md`).
-static FACE_LANDMARK: &[u8] = include_bytes!("../tests/assets/face_landmark.onnx");
+/// MediaPipe's `face_landmark.onnx` (Apache-2.0; provenance in `assets/mediapipe/LICENSE.md`).
+static FACE_LANDMARK: &[u8] = include_bytes!("../assets/mediapipe/face_landmark.onnx");
 
 /// Full-image masks (255 inside) of one face's regions.
 #[derive(Debug, Clone, PartialEq)]

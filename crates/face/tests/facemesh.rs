@@ -5,7 +5,7 @@ mod reference;
 
 use easyphoto_face::{BlazeFace, FaceDetector, FaceMesh, FaceParser, Mtcnn};
 use image::GrayImage;
-use reference::{asset, photo};
+use reference::{mediapipe, photo};
 
 fn dist(a: [f32; 2], b: [f32; 2]) -> f32 {
     (a[0] - b[0]).hypot(a[1] - b[1])
@@ -22,7 +22,7 @@ fn area(mask: &GrayImage) -> usize {
 #[test]
 fn blazeface_finds_the_astronaut_where_mtcnn_does() -> anyhow::Result<()> {
     let img = photo("astronaut.png")?;
-    let faces = BlazeFace::load(asset("face_detection_short_range.onnx"), 1)?.detect(&img)?;
+    let faces = BlazeFace::load(mediapipe("face_detection_short_range.onnx"), 1)?.detect(&img)?;
     let reference = Mtcnn::new(1)?.detect_some(&img, "astronaut.png")?[0];
     assert_eq!(faces.len(), 1, "{faces:?}");
     let f = faces[0];
@@ -38,7 +38,7 @@ fn blazeface_finds_the_astronaut_where_mtcnn_does() -> anyhow::Result<()> {
 fn facemesh_regions_sit_on_the_face() -> anyhow::Result<()> {
     let img = photo("astronaut.png")?;
     let face = Mtcnn::new(1)?.detect_some(&img, "astronaut.png")?[0];
-    let mesh_model = FaceMesh::load(asset("face_landmark.onnx"), 1)?;
+    let mesh_model = FaceMesh::load(mediapipe("face_landmark.onnx"), 1)?;
     let mesh = mesh_model.mesh(&img, &face)?;
     assert_eq!(mesh.points.len(), 468);
     assert_eq!(FaceMesh::embedded(1)?.mesh(&img, &face)?, mesh, "the embedded model is the asset");

@@ -7,7 +7,7 @@ mod reference;
 
 use easyphoto_face::{BlazeFace, Face, FaceMesh};
 use image::imageops;
-use reference::{Fixture, asset, photo};
+use reference::{Fixture, asset, mediapipe, photo};
 
 /// A crop `(x, y, w, h)` of a photo.
 type Crop = Option<(u32, u32, u32, u32)>;
@@ -25,7 +25,7 @@ const CASES: [(&str, &str, Crop); 6] = [
 #[test]
 fn blazeface_and_facemesh_match_mediapipe_reference() -> anyhow::Result<()> {
     let fx = Fixture::open("mediapipe.safetensors")?;
-    let detector = BlazeFace::load(asset("face_detection_short_range.onnx"), 1)?;
+    let detector = BlazeFace::load(mediapipe("face_detection_short_range.onnx"), 1)?;
     let mesher = FaceMesh::embedded(1)?;
     let mut faces_seen = 0;
     for (key, file, crop) in CASES {

@@ -12,6 +12,10 @@ fn asset(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/assets").join(name)
 }
 
+fn mediapipe(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/mediapipe").join(name)
+}
+
 /// The f32 tensors of the reference fixture, by name.
 fn fixture(name: &str) -> anyhow::Result<ArrayD<f32>> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/blazeface_short_io.safetensors");
@@ -29,7 +33,7 @@ fn max_abs_diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
 }
 
 fn blazeface() -> anyhow::Result<OnnxModel> {
-    Ok(OnnxModel::load(asset("face_detection_short_range.onnx"), 2)?)
+    Ok(OnnxModel::load(mediapipe("face_detection_short_range.onnx"), 2)?)
 }
 
 #[test]
@@ -79,7 +83,7 @@ fn bad_model_files_are_typed_errors() -> anyhow::Result<()> {
     }
 
     let truncated = Path::new(env!("CARGO_TARGET_TMPDIR")).join("truncated_face_detection.onnx");
-    let bytes = std::fs::read(asset("face_detection_short_range.onnx"))?;
+    let bytes = std::fs::read(mediapipe("face_detection_short_range.onnx"))?;
     std::fs::write(&truncated, &bytes[..bytes.len() / 3])?;
     match OnnxModel::load(&truncated, 1) {
         Err(err @ FaceError::ModelLoad { .. }) => {
@@ -116,7 +120,7 @@ fn rust_preprocessing_matches_python() -> anyhow::Result<()> {
     assert_eq!(err, 0.0);
 
     // Not an image at all: the loader sniffs the format and names the file.
-    match load_rgb(asset("face_detection_short_range.onnx")) {
+    match load_rgb(mediapipe("face_detection_short_range.onnx")) {
         Err(FaceError::UnsupportedImage { path }) => {
             assert!(path.ends_with("face_detection_short_range.onnx"))
         }

@@ -12,6 +12,11 @@ pub fn asset(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/assets").join(name)
 }
 
+/// A MediaPipe model the crate embeds (`assets/mediapipe`).
+pub fn mediapipe(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/mediapipe").join(name)
+}
+
 /// A photo of `tests/assets` as 8-bit RGB.
 pub fn photo(name: &str) -> anyhow::Result<image::RgbImage> {
     let path = asset(name);
