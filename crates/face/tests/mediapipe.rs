@@ -7,7 +7,7 @@ mod reference;
 
 use easyphoto_face::{BlazeFace, Face, FaceMesh};
 use image::imageops;
-use reference::{Fixture, asset, mediapipe, photo};
+use reference::{Fixture, mediapipe, photo};
 
 /// A crop `(x, y, w, h)` of a photo.
 type Crop = Option<(u32, u32, u32, u32)>;
