@@ -62,10 +62,10 @@ fn main() {
     let (mut merge_times, mut merge_cpu, mut unmerge_times) = (vec![], vec![], vec![]);
     for _ in 0..=runs {
         let mut targets = Targets { unet: Some(&mut unet), text_encoder: Some(&mut te), text_encoder_2: None };
-        let (start, cpu) = (Instant::now(), cpu_seconds());
+        let (start, cpu) = (Instant::now(), easyphoto_diffusion::cpu::profile::process_cpu_time().as_secs_f64());
         let (merged, reports) = merge(&mut targets, &[(&lora, 0.9)]).unwrap();
         merge_times.push(start.elapsed().as_secs_f64());
-        merge_cpu.push(cpu_seconds() - cpu);
+        merge_cpu.push(easyphoto_diffusion::cpu::profile::process_cpu_time().as_secs_f64() - cpu);
         assert_eq!(reports[0].applied, 264);
         let start = Instant::now();
         merged.unmerge(&mut targets).unwrap();
@@ -92,15 +92,4 @@ fn rayon_threads() -> usize {
         .ok()
         .and_then(|t| t.parse().ok())
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-}
-
-/// CPU time (user + system, all threads) of this process so far, in seconds (10 ms ticks):
-/// divided by the thread count, the merge's duration on an idle machine.
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
 }

@@ -59,10 +59,10 @@ fn main() {
     step();
     let (mut times, mut cpu) = (vec![], vec![]);
     for _ in 0..runs {
-        let (start, cpu_start) = (Instant::now(), cpu_seconds());
+        let (start, cpu_start) = (Instant::now(), easyphoto_diffusion::cpu::profile::process_cpu_time().as_secs_f64());
         step();
         times.push(start.elapsed().as_secs_f64());
-        cpu.push(cpu_seconds() - cpu_start);
+        cpu.push(easyphoto_diffusion::cpu::profile::process_cpu_time().as_secs_f64() - cpu_start);
     }
     times.sort_by(f64::total_cmp);
     cpu.sort_by(f64::total_cmp);
@@ -76,17 +76,6 @@ fn main() {
         peak_rss_mib(),
         weights_mib
     );
-}
-
-/// CPU time (user + system, all threads) of this process so far, in seconds (10 ms ticks); less
-/// sensitive to other processes' load than the wall time.
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// Peak resident memory of this process (`VmHWM`), in MiB.
