@@ -262,9 +262,17 @@ pub fn merge(targets: &mut Targets, loras: &[(&KohyaLora, f64)]) -> Result<(Merg
     });
     // With enough modules, one single-threaded product per module beats splitting each product.
     let per_module = weights.len() >= 4 * rayon::current_num_threads();
+    // The merged weights' buffers are allocated here, on the calling thread, so that after an
+    // un-merge they return to the heap the next merge allocates from (allocated on rayon's
+    // threads, they come from other arenas and fresh pages fault in again).
+    let buffers: Vec<Vec<f32>> = weights
+        .iter()
+        .map(|(_, w)| if w.device().is_cpu() { Vec::with_capacity(w.elem_count()) } else { Vec::new() })
+        .collect();
     let sums = weights
         .par_iter()
-        .map(|(key, weight)| Ok((key.clone(), merged_weight(weight, &plan[key], !per_module)?)))
+        .zip(buffers)
+        .map(|((key, weight), buffer)| Ok((key.clone(), merged_weight(weight, &plan[key], !per_module, buffer)?)))
         .collect::<Result<BTreeMap<_, _>, LoraError>>()?;
     drop(weights);
     let mut merged = Merged::default();
@@ -304,9 +312,10 @@ fn layer_weight<'a>(layer: &'a LayerMut<'_>) -> &'a Tensor {
 
 /// `weight + Σ scale · up·down`, accumulated in f32 and returned in the weight's dtype. On the
 /// CPU each product is added by the rank-update kernel (the first one reading the original
-/// weight in place and writing the merged copy), split over rayon's threads when `split` is set.
-fn merged_weight(weight: &Tensor, parts: &[Part], split: bool) -> Result<Tensor, LoraError> {
-    use easyphoto_diffusion::cpu::rank_update::{add_product, add_product_in_place};
+/// weight in place and writing the merged copy into `buffer`), split over rayon's threads when
+/// `split` is set.
+fn merged_weight(weight: &Tensor, parts: &[Part], split: bool, mut buffer: Vec<f32>) -> Result<Tensor, LoraError> {
+    use easyphoto_diffusion::cpu::rank_update::{add_product_in_place, add_product_into};
     if !weight.device().is_cpu() {
         let mut sum = weight.to_dtype(DType::F32)?;
         for p in parts {
@@ -329,10 +338,11 @@ fn merged_weight(weight: &Tensor, parts: &[Part], split: bool) -> Result<Tensor,
         match &mut merged {
             Some(w) => add_product_in_place(w, &up, &down, sizes, split),
             None => {
-                let w = easyphoto_diffusion::cpu::with_f32s([&original], |[w]| {
-                    Ok(add_product(w, &up, &down, sizes, split))
+                easyphoto_diffusion::cpu::with_f32s([&original], |[w]| {
+                    add_product_into(&mut buffer, w, &up, &down, sizes, split);
+                    Ok(())
                 })?;
-                merged = Some(w);
+                merged = Some(std::mem::take(&mut buffer));
             }
         }
     }

@@ -25,9 +25,26 @@ const NR: usize = 32;
 ///
 /// # Panics
 /// If the lengths disagree with the sizes.
-pub fn add_product(src: &[f32], u: &[f32], d: &[f32], (out, n, r): (usize, usize, usize), parallel: bool) -> Vec<f32> {
+pub fn add_product(src: &[f32], u: &[f32], d: &[f32], sizes: (usize, usize, usize), parallel: bool) -> Vec<f32> {
+    let mut dst = Vec::new();
+    add_product_into(&mut dst, src, u, d, sizes, parallel);
+    dst
+}
+
+/// [`add_product`] into `dst`'s allocation (grown when too small; its contents are replaced):
+/// a caller can allocate on its own thread, for example so that buffers freed later return to
+/// the heap it allocates from next time.
+pub fn add_product_into(
+    dst: &mut Vec<f32>,
+    src: &[f32],
+    u: &[f32],
+    d: &[f32],
+    (out, n, r): (usize, usize, usize),
+    parallel: bool,
+) {
     assert!(src.len() == out * n && u.len() == out * r && d.len() == r * n, "rank update: sizes disagree");
-    let mut dst = Vec::<f32>::with_capacity(out * n);
+    dst.clear();
+    dst.reserve(out * n);
     let band = if parallel { out.div_ceil(4 * super::threads()).next_multiple_of(MR) } else { out }.max(1);
     let dst_ptr = super::SendPtr(dst.as_mut_ptr());
     src.par_chunks(band * n).zip(u.par_chunks(band * r)).enumerate().for_each(|(i, (src, u))| {
@@ -38,7 +55,6 @@ pub fn add_product(src: &[f32], u: &[f32], d: &[f32], (out, n, r): (usize, usize
     });
     // SAFETY: the bands cover every row, and `band_update` writes every value of its band.
     unsafe { dst.set_len(out * n) };
-    dst
 }
 
 /// [`add_product`] in place: `w += u·d`.
