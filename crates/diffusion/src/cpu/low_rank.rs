@@ -169,11 +169,12 @@ impl CustomOp3 for LowRankOp {
                 let m_ = (m.as_ptr(), inp, 1);
                 let d_up = unsafe { par_product((out, r, inp), Dst::Overwrite, m_, (dd.as_ptr(), 1, inp)) };
                 let d_down = unsafe { par_product((r, inp, out), Dst::Overwrite, (ud.as_ptr(), 1, r), m_) };
-                let dx = match x.track_op() {
-                    true => Some(self.with_weight(ud, dd, (out, inp, r), true, |w| {
+                let dx = if x.track_op() {
+                    Some(self.with_weight(ud, dd, (out, inp, r), true, |w| {
                         Ok(unsafe { par_product((rows, inp, out), Dst::Overwrite, g_, (w.as_ptr(), inp, 1)) })
-                    })?),
-                    false => None,
+                    })?)
+                } else {
+                    None
                 };
                 (d_down, d_up, dx)
             } else {
@@ -186,19 +187,17 @@ impl CustomOp3 for LowRankOp {
                 gu.iter_mut().for_each(|v| *v *= self.scale);
                 let d_down = unsafe { par_product((r, inp, rows), Dst::Overwrite, (gu.as_ptr(), 1, r), x_) };
                 let d_up = unsafe { par_product((out, r, rows), Dst::Overwrite, g_t, (h.as_ptr(), r, 1)) };
-                let dx = match x.track_op() {
-                    true => {
-                        let mut dx = unsafe {
-                            par_product((rows, inp, r), Dst::Overwrite, (gu.as_ptr(), r, 1), (dd.as_ptr(), inp, 1))
-                        };
-                        self.with_weight(ud, dd, (out, inp, r), false, |w| {
-                            let w_ = (w.as_ptr(), inp, 1);
-                            unsafe { sgemm((rows, inp, out), dx.as_mut_ptr(), inp, Dst::Accumulate, g_, w_) };
-                            Ok(())
-                        })?;
-                        Some(dx)
-                    }
-                    false => None,
+                let dx = if x.track_op() {
+                    let (gu_, d_) = ((gu.as_ptr(), r, 1), (dd.as_ptr(), inp, 1));
+                    let mut dx = unsafe { par_product((rows, inp, r), Dst::Overwrite, gu_, d_) };
+                    self.with_weight(ud, dd, (out, inp, r), false, |w| {
+                        let w_ = (w.as_ptr(), inp, 1);
+                        unsafe { sgemm((rows, inp, out), dx.as_mut_ptr(), inp, Dst::Accumulate, g_, w_) };
+                        Ok(())
+                    })?;
+                    Some(dx)
+                } else {
+                    None
                 };
                 (d_down, d_up, dx)
             };
