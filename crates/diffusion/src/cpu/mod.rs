@@ -9,15 +9,16 @@
 //! low-rank terms, frozen weights) has its own ops with their own backward passes:
 //! [`low_rank`] (a layer and its trained LoRA), [`attention_backward`], [`norm_backward`], GEGLU,
 //! and the frozen linear and convolution layers; other dtypes and GPU devices take the candle
-//! path.
+//! path. [`rank_update`] merges a LoRA into its weight (`W + U·D`).
 //!
 //! Set `EASYPHOTO_CPU_KERNELS=0` (or call [`set_enabled`]) to use the plain candle path
 //! everywhere, for comparisons; `EASYPHOTO_WINOGRAD=0|2|4` picks the 3×3 algorithm
 //! ([`conv::Winograd`]); `EASYPHOTO_PROFILE=1` turns on [`profile`]. Threads: the kernels run on
 //! rayon's global pool, sized by `RAYON_NUM_THREADS` like candle's own CPU ops (2 threads ⇒ 2 on
 //! both). [`keep_freed_memory`] is the recommended allocator setting for a process that runs
-//! models (glibc), and [`serial_candle_pool`] the recommended thread setting. [`set_weight_dtype`] keeps an f32 model's linear and convolution weights in
-//! f16 / bf16 (half the memory; the kernels convert them as they read them). The `gemm` crate's
+//! models (glibc), and [`serial_candle_pool`] the recommended thread setting.
+//! [`set_weight_dtype`] keeps an f32 model's linear and convolution weights in f16 / bf16 (half
+//! the memory; the kernels convert them as they read them). The `gemm` crate's
 //! AVX-512 kernels are enabled by this crate's `gemm/x86-v4` feature (detected at run time),
 //! which also speeds up candle's own matmuls.
 
