@@ -352,7 +352,7 @@ pub(super) mod x86 {
     /// # Safety
     /// AVX-512F; `row` addresses `bc` values.
     #[inline(always)]
-    unsafe fn row_max(row: *const f32, bc: usize) -> f32 {
+    pub(in crate::cpu) unsafe fn row_max(row: *const f32, bc: usize) -> f32 {
         unsafe {
             let (full, rem) = (bc / 16, bc % 16);
             let (mut m0, mut m1) = (_mm512_set1_ps(f32::NEG_INFINITY), _mm512_set1_ps(f32::NEG_INFINITY));
@@ -381,7 +381,7 @@ pub(super) mod x86 {
     /// # Safety
     /// AVX-512F; `row` addresses `bc` values.
     #[inline(always)]
-    unsafe fn exp_row(row: *mut f32, bc: usize, m: f32) -> f32 {
+    pub(in crate::cpu) unsafe fn exp_row(row: *mut f32, bc: usize, m: f32) -> f32 {
         unsafe {
             let (full, rem) = (bc / 16, bc % 16);
             let mv = _mm512_set1_ps(m);

@@ -168,7 +168,8 @@ struct Dims {
 
 /// The backward kernel. Work is split into tasks of one (batch, head) and a range of queries;
 /// a task packs `K` and `V` transposed (`[d, M]`, keys along the vector lanes, so any head
-/// width works), recomputes each query's log-sum-exp, then walks blocks of keys that fit in L2
+/// width works), takes each query's log-sum-exp from the forward (or recomputes it when a second
+/// backward finds it already taken), then walks blocks of keys that fit in L2
 /// with groups of eight queries: scores, probabilities, `dP`, `dS`, and the three products, with
 /// `dK` / `dV` accumulated per task (summed over a head's tasks at the end).
 #[cfg(target_arch = "x86_64")]
@@ -181,7 +182,7 @@ mod x86 {
     use super::Dims;
     use std::f32::consts::{LN_2, LOG2_E};
 
-    use crate::cpu::attention::x86::exp2;
+    use crate::cpu::attention::x86::{exp_row, exp2, row_max};
 
     /// Queries per register tile.
     const R: usize = 8;
@@ -327,7 +328,13 @@ mod x86 {
                 for g in 0..groups {
                     rows_times_t(&qs[g * R * d..], (&kt, ld), 0, mp, d, (&mut s, ld));
                     for r in 0..R {
-                        lse[g * R + r] = log2_sum_exp2(&s[r * ld..][..m]);
+                        let row = s[r * ld..][..m].as_mut_ptr();
+                        // SAFETY: AVX-512F (this function's feature); `row` holds `m` scores,
+                        // which `exp_row` may overwrite (they are not used again).
+                        lse[g * R + r] = unsafe {
+                            let max = row_max(row, m);
+                            max + exp_row(row, m, max).log2()
+                        };
                     }
                 }
             }
@@ -358,25 +365,6 @@ mod x86 {
             *x *= scale;
         }
         Part { dq, dkt, dvt }
-    }
-
-    /// `log2 Σ_j 2^{x_j}`.
-    #[target_feature(enable = "avx512f")]
-    fn log2_sum_exp2(x: &[f32]) -> f32 {
-        let lanes = |j: usize| (!0u16).checked_shr((j + L).saturating_sub(x.len()) as u32).unwrap_or(0);
-        let load =
-            |j: usize, fill: f32| unsafe { _mm512_mask_loadu_ps(_mm512_set1_ps(fill), lanes(j), x.as_ptr().add(j)) };
-        let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
-        for j in (0..x.len()).step_by(L) {
-            mx = _mm512_max_ps(mx, load(j, f32::NEG_INFINITY));
-        }
-        let max = _mm512_reduce_max_ps(mx);
-        let (mv, mut sum) = (_mm512_set1_ps(max), _mm512_setzero_ps());
-        for j in (0..x.len()).step_by(L) {
-            // Masked-off lanes hold -inf, whose power of two is exactly 0.
-            sum = _mm512_add_ps(sum, unsafe { exp2(_mm512_sub_ps(load(j, f32::NEG_INFINITY), mv)) });
-        }
-        max + _mm512_reduce_add_ps(sum).log2()
     }
 
     /// For one query row of a key block: `p = 2^(s − lse)` over the `valid` keys (0 past
