@@ -42,30 +42,45 @@ pub fn add_product_into(
     (out, n, r): (usize, usize, usize),
     parallel: bool,
 ) {
-    assert!(src.len() == out * n && u.len() == out * r && d.len() == r * n, "rank update: sizes disagree");
+    assert!(src.len() == out * n, "rank update: sizes disagree");
     dst.clear();
     dst.reserve(out * n);
-    let band = if parallel { out.div_ceil(4 * super::threads()).next_multiple_of(MR) } else { out }.max(1);
-    let dst_ptr = super::SendPtr(dst.as_mut_ptr());
-    src.par_chunks(band * n).zip(u.par_chunks(band * r)).enumerate().for_each(|(i, (src, u))| {
-        let rows = src.len() / n.max(1);
-        // SAFETY: band `i` of `dst` (capacity `out × n`) holds `rows × n` values, disjoint from
-        // the other bands and from `src`; `u` is `rows × r` and `d` `r × n`.
-        unsafe { band_update(src.as_ptr(), dst_ptr.get().add(i * band * n), u, d, (rows, n, r)) };
-    });
-    // SAFETY: the bands cover every row, and `band_update` writes every value of its band.
-    unsafe { dst.set_len(out * n) };
+    // SAFETY: `src` holds `out × n` values and `dst` has room for as many; they do not overlap.
+    unsafe {
+        update(src.as_ptr(), dst.as_mut_ptr(), u, d, (out, n, r), parallel);
+        // Every value was written.
+        dst.set_len(out * n);
+    }
 }
 
 /// [`add_product`] in place: `w += u·d`.
 pub fn add_product_in_place(w: &mut [f32], u: &[f32], d: &[f32], (out, n, r): (usize, usize, usize), parallel: bool) {
-    assert!(w.len() == out * n && u.len() == out * r && d.len() == r * n, "rank update: sizes disagree");
+    assert!(w.len() == out * n, "rank update: sizes disagree");
+    let w = w.as_mut_ptr();
+    // SAFETY: `w` holds `out × n` values; the kernel reads each tile before it writes it.
+    unsafe { update(w, w, u, d, (out, n, r), parallel) };
+}
+
+/// `dst = src + u·d`, in bands of rows on rayon's pool when `parallel`, writing every value.
+///
+/// # Safety
+/// `src` and `dst` must be valid for `out × n` values; they may be the same buffer.
+unsafe fn update(
+    src: *const f32,
+    dst: *mut f32,
+    u: &[f32],
+    d: &[f32],
+    (out, n, r): (usize, usize, usize),
+    parallel: bool,
+) {
+    assert!(u.len() == out * r && d.len() == r * n, "rank update: sizes disagree");
     let band = if parallel { out.div_ceil(4 * super::threads()).next_multiple_of(MR) } else { out }.max(1);
-    w.par_chunks_mut(band * n).zip(u.par_chunks(band * r)).for_each(|(w, u)| {
-        let rows = w.len() / n.max(1);
-        // SAFETY: `w` holds `rows × n`, `u` `rows × r`, `d` `r × n`; source and destination are
-        // the same buffer, which the kernel reads before it writes each tile.
-        unsafe { band_update(w.as_ptr(), w.as_mut_ptr(), u, d, (rows, n, r)) };
+    let (src, dst) = (src as usize, dst as usize);
+    (0..out.div_ceil(band)).into_par_iter().for_each(|i| {
+        let (r0, rows) = (i * band, band.min(out - i * band));
+        let (src, dst) = (src as *const f32, dst as *mut f32);
+        // SAFETY: band `i` is rows `r0..r0 + rows` of both buffers, disjoint from the other bands.
+        unsafe { band_update(src.add(r0 * n), dst.add(r0 * n), &u[r0 * r..][..rows * r], d, (rows, n, r)) };
     });
 }
 
