@@ -177,11 +177,6 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64, LoraEr
 
 /// `Σ x²` of a contiguous f32 CPU tensor, accumulated in f64 (`None` for other tensors).
 fn sum_of_squares(t: &Tensor) -> Option<f64> {
-    let (storage, layout) = t.storage_and_layout();
-    let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)), Some((a, b))) =
-        (&*storage, layout.contiguous_offsets())
-    else {
-        return None;
-    };
-    Some(data[a..b].chunks(16).map(|c| c.iter().map(|&x| f64::from(x * x)).sum::<f64>()).sum())
+    let sum = |data: &[f32]| data.chunks(16).map(|c| c.iter().map(|&x| f64::from(x * x)).sum::<f64>()).sum();
+    easyphoto_diffusion::cpu::with_f32s([t], |[data]| Ok(sum(data))).ok()
 }
