@@ -5,8 +5,8 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use support::{diffusion_fixture, face_asset, lora_fixture, temp_dir};
+use std::path::Path;
+use support::{diffusion_fixture, face_asset, lora_fixture, pipeline_folder, temp_dir, tiny_sdxl};
 
 use candle_core::{DType, Device};
 use clap::Parser;
@@ -18,31 +18,6 @@ use easyphoto_pipeline::creative::{CreativeComponents, CreativeConfig, create, l
 use easyphoto_pipeline::train::face_id_score::{face_embedding, identity_score};
 use easyphoto_pipeline::{CancelToken, Manifest, PipelineError, Progress, Silent, UserId, UserStore, write_atomic};
 use image::RgbImage;
-
-/// A diffusers pipeline folder of links to fixture parts.
-fn pipeline_folder(dir: &Path, parts: &[(&str, PathBuf)]) -> PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    for (name, target) in parts {
-        std::os::unix::fs::symlink(target.canonicalize().unwrap(), dir.join(name)).unwrap();
-    }
-    dir.to_path_buf()
-}
-
-/// Tiny SDXL: UNet 32/32 with text-time conditioning, CLIP-L and bigG-layout encoders (32-d).
-fn tiny_sdxl(dir: &Path) -> PathBuf {
-    let tokenizer = diffusion_fixture("tokenizer/folder_vocab_merges");
-    pipeline_folder(
-        &dir.join("tiny-sdxl"),
-        &[
-            ("unet", lora_fixture("sdxl_unet")),
-            ("vae", diffusion_fixture("vae")),
-            ("text_encoder", lora_fixture("sdxl_te1")),
-            ("text_encoder_2", lora_fixture("sdxl_te2")),
-            ("tokenizer", tokenizer.clone()),
-            ("tokenizer_2", tokenizer),
-        ],
-    )
-}
 
 fn components(model: &Path) -> CreativeComponents {
     CreativeComponents {

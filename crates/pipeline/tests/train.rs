@@ -8,13 +8,13 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
-use support::{diffusion_fixture, face_asset, temp_dir};
+use support::{astronaut, astronaut_photos, diffusion_fixture, face_asset, temp_dir, write_photos};
 
 use candle_core::{DType, Device, Tensor};
 use easyphoto_diffusion::{ClipTokenizer, UNetConditioning, diffusers_folder};
 use easyphoto_face::geometry::roll_score;
 use easyphoto_face::ranking::rank_photos;
-use easyphoto_face::{FaceDetector, FaceEmbedder, FaceRes, HumanSelfie, Mtcnn, warp_affine};
+use easyphoto_face::{FaceDetector, FaceEmbedder, FaceRes, HumanSelfie, Mtcnn};
 use easyphoto_lora::{Targets, load_lora};
 use easyphoto_pipeline::train::face_id_score::identity_score;
 use easyphoto_pipeline::train::{fuse, preprocess};
@@ -22,7 +22,7 @@ use easyphoto_pipeline::{
     BaseModel, CancelToken, Photos, PipelineError, Progress, Silent, TrainComponents, TrainConfig, UserId, UserStore,
     resume_user, train_user,
 };
-use image::{RgbImage, imageops};
+use image::RgbImage;
 
 /// Tiny random SD1.5 parts with the real layouts (UNet 32/64/64, VAE 32/64, CLIP 32-d, 1000 tokens).
 fn tiny_base() -> BaseModel {
@@ -41,10 +41,6 @@ fn tiny_base() -> BaseModel {
     }
 }
 
-fn astronaut() -> RgbImage {
-    easyphoto_face::load_rgb(face_asset("astronaut.png")).unwrap()
-}
-
 /// The left-most face of `img`, cropped `ratio` box sizes wide.
 fn face_crop(img: &RgbImage, ratio: f64) -> RgbImage {
     let faces = Mtcnn::new(1).unwrap().detect(img).unwrap();
@@ -55,34 +51,6 @@ fn face_crop(img: &RgbImage, ratio: f64) -> RgbImage {
 /// Another person: the left-most face of a face-api group photo, cropped 3× around it.
 fn other_person() -> RgbImage {
     face_crop(&easyphoto_face::load_rgb(face_asset("faceapi_sample1.jpg")).unwrap(), 3.0)
-}
-
-/// The astronaut photo as five uploads: itself, mirrored, brighter, rotated 8° and re-framed.
-fn astronaut_photos() -> Vec<RgbImage> {
-    let base = astronaut();
-    let (w, h) = base.dimensions();
-    let brighter = RgbImage::from_fn(w, h, |x, y| {
-        image::Rgb(base.get_pixel(x, y).0.map(|v| (f32::from(v) * 1.2).min(255.0) as u8))
-    });
-    let (a, cx, cy) = (8f64.to_radians(), f64::from(w) / 2.0, f64::from(h) / 2.0);
-    let (c, s) = (a.cos(), a.sin());
-    let rotated = warp_affine(&base, &[[c, s, (1.0 - c) * cx - s * cy], [-s, c, s * cx + (1.0 - c) * cy]], w, h);
-    let inner = imageops::crop_imm(&base, 40, 0, 400, 400).to_image();
-    let reframed = imageops::resize(&inner, 360, 360, imageops::FilterType::Triangle);
-    vec![base.clone(), imageops::flip_horizontal(&base), brighter, rotated, reframed]
-}
-
-fn write_photos(dir: &Path, photos: &[RgbImage]) -> Vec<PathBuf> {
-    std::fs::create_dir_all(dir).unwrap();
-    photos
-        .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            let path = dir.join(format!("{i:02}.png"));
-            p.save(&path).unwrap();
-            path
-        })
-        .collect()
 }
 
 /// Validation templates are tight face crops, so that their faces are found at 64 px.

@@ -5,11 +5,11 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use support::{crate_dir, face_asset, temp_dir};
+use std::path::Path;
+use support::{astronaut_photos, face_asset, temp_dir, tiny_sdxl, write_photos};
 
 use candle_core::{DType, Device};
-use easyphoto_face::{FaceRes, HumanSelfie, Mtcnn, warp_affine};
+use easyphoto_face::{FaceRes, HumanSelfie, Mtcnn};
 use easyphoto_lora::{BaseFamily, KohyaLora, lora_family};
 use easyphoto_pipeline::creative::{CreativeComponents, CreativeConfig, create, load_sdxl};
 use easyphoto_pipeline::train::fuse;
@@ -17,52 +17,6 @@ use easyphoto_pipeline::{
     BaseModel, CancelToken, Photos, PipelineError, Progress, Silent, TrainComponents, TrainConfig, UserId, UserStore,
     resume_user, train_user,
 };
-use image::{RgbImage, imageops};
-
-/// Tiny SDXL as a diffusers folder of links: UNet 32/32 with text-time conditioning, CLIP-L and
-/// bigG-layout encoders (32-d).
-fn tiny_sdxl(dir: &Path) -> PathBuf {
-    let lora = crate_dir().join("../lora/tests/fixtures/apply");
-    let diffusion = crate_dir().join("../diffusion/tests/fixtures");
-    let tokenizer = diffusion.join("tokenizer/folder_vocab_merges");
-    let folder = dir.join("tiny-sdxl");
-    std::fs::create_dir_all(&folder).unwrap();
-    for (name, target) in [
-        ("unet", lora.join("sdxl_unet")),
-        ("vae", diffusion.join("vae")),
-        ("text_encoder", lora.join("sdxl_te1")),
-        ("text_encoder_2", lora.join("sdxl_te2")),
-        ("tokenizer", tokenizer.clone()),
-        ("tokenizer_2", tokenizer),
-    ] {
-        std::os::unix::fs::symlink(target.canonicalize().unwrap(), folder.join(name)).unwrap();
-    }
-    folder
-}
-
-/// The astronaut photo as five uploads: itself, mirrored, brighter, rotated 8° and re-framed.
-fn astronaut_photos(dir: &Path) -> Vec<PathBuf> {
-    let base = easyphoto_face::load_rgb(face_asset("astronaut.png")).unwrap();
-    let (w, h) = base.dimensions();
-    let brighter = RgbImage::from_fn(w, h, |x, y| {
-        image::Rgb(base.get_pixel(x, y).0.map(|v| (f32::from(v) * 1.2).min(255.0) as u8))
-    });
-    let (a, cx, cy) = (8f64.to_radians(), f64::from(w) / 2.0, f64::from(h) / 2.0);
-    let (c, s) = (a.cos(), a.sin());
-    let rotated = warp_affine(&base, &[[c, s, (1.0 - c) * cx - s * cy], [-s, c, s * cx + (1.0 - c) * cy]], w, h);
-    let inner = imageops::crop_imm(&base, 40, 0, 400, 400).to_image();
-    let reframed = imageops::resize(&inner, 360, 360, imageops::FilterType::Triangle);
-    std::fs::create_dir_all(dir).unwrap();
-    [base.clone(), imageops::flip_horizontal(&base), brighter, rotated, reframed]
-        .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            let path = dir.join(format!("{i:02}.png"));
-            p.save(&path).unwrap();
-            path
-        })
-        .collect()
-}
 
 fn components(model: &Path) -> TrainComponents {
     TrainComponents {
@@ -92,7 +46,7 @@ fn config() -> TrainConfig {
 fn sdxl_base_trains_the_users_sdxl_lora_and_creative_paints_with_it() {
     let dir = temp_dir("pipeline_train_sdxl", "e2e");
     let model = tiny_sdxl(&dir);
-    let photos = astronaut_photos(&dir.join("photos"));
+    let photos = write_photos(&dir.join("photos"), &astronaut_photos());
     let store = UserStore::new(dir.join("root"));
     let mut comps = components(&model);
     assert!(comps.base.is_sdxl());
