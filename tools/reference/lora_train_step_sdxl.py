@@ -21,47 +21,16 @@ crates/lora/tests/fixtures/train/
 Usage: .venv-ref/bin/python tools/reference/lora_train_step_sdxl.py
 """
 
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
-from peft import LoraConfig, inject_adapter_in_model
-from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-torch.set_num_threads(1)
-torch.use_deterministic_algorithms(True)
-
-ROOT = Path(__file__).resolve().parents[2]
-FIXTURES = ROOT / "crates" / "lora" / "tests" / "fixtures"
-RANK, ALPHA, LR = 4, 2.0, 1e-3
-
-
-def add_lora(model: torch.nn.Module, prefix: str, unet: bool, gen: torch.Generator) -> dict:
-    """peft LoRA on kohya's targets of `model`, random weights; the parameters by kohya name."""
-    model.requires_grad_(False)
-    targets = sorted(
-        n for n, m in model.named_modules()
-        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
-        and ((unet and ".attentions." in n) or (not unet and (".self_attn." in n or ".mlp." in n)))
-    )
-    inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets), model)
-    params = {}
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            if "lora_" not in name:
-                continue
-            fan_in = p[0].numel()
-            p.copy_(torch.randn(p.shape, generator=gen) / fan_in**0.5 * (1.0 if "lora_A" in name else 0.3))
-            p.requires_grad_(True)
-            path, kind = name.split(".lora_")
-            # kohya names come from transformers 4 paths, with the `text_model.` level.
-            if not unet and not path.startswith("text_model."):
-                path = f"text_model.{path}"
-            params[f"{prefix}_{path.replace('.', '_')}.{'down' if kind.startswith('A') else 'up'}"] = p
-    assert len(params) == 2 * len(targets)
-    return params
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lora_train_step import FIXTURES, add_lora, step_and_record  # noqa: E402 (also sets torch's threads and determinism)
 
 
 def main() -> None:
@@ -91,26 +60,7 @@ def main() -> None:
 
     io = {"input_ids": input_ids.to(torch.int64), "latents": latents, "noise": noise,
           "timesteps": timesteps.float(), "time_ids": time_ids}
-    init = {}
-    for key, p in params.items():
-        # The first encoder's last layer does not reach its penultimate states: no gradient,
-        # stored as zeros (AdamW leaves such parameters untouched).
-        io[f"grad.{key}"] = torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
-        module, kind = key.rsplit(".", 1)
-        init[f"{module}.lora_{kind}.weight"] = p.detach().clone()
-        init[f"{module}.alpha"] = torch.tensor(ALPHA)
-    grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm(2) for p in params.values() if p.grad is not None]), 2)
-    max_norm = 0.5 * grad_norm.item()
-    total = torch.nn.utils.clip_grad_norm_(list(params.values()), max_norm)
-    opt = torch.optim.AdamW(list(params.values()), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
-    opt.step()
-    for key, p in params.items():
-        io[f"after.{key}"] = p.detach().clone()
-    io.update(loss=loss.detach().reshape(1), grad_norm=total.reshape(1), max_norm=torch.tensor([max_norm]),
-              lr=torch.tensor([LR]))
-    out = FIXTURES / "train"
-    save_file(dict(sorted(init.items())), out / "sdxl_step_init.safetensors")
-    save_file({k: v.contiguous() for k, v in sorted(io.items())}, out / "sdxl_step_io.safetensors")
+    grad_norm = step_and_record(params, loss, io, "sdxl_step")
     n_te = sum(k.startswith("lora_te") for k in params) // 2
     frozen = sum(p.grad is None for p in params.values())
     print(f"loss {loss.item():.6f}, grad norm {grad_norm.item():.6f}, {len(params) // 2} modules ({n_te} te), "
