@@ -326,8 +326,7 @@ fn merged_weight(weight: &Tensor, parts: &[Part], split: bool, mut buffer: Vec<f
     let out = weight.dim(0)?;
     let inner = weight.elem_count() / out.max(1);
     let original = weight.to_dtype(DType::F32)?.contiguous()?;
-    let mut merged: Option<Vec<f32>> = None;
-    for p in parts {
+    for (i, p) in parts.iter().enumerate() {
         let r = p.down.dim(0)?;
         let up: Vec<f32> = p.up.to_dtype(DType::F32)?.affine(p.scale, 0.0)?.flatten_all()?.to_vec1()?;
         let down: Vec<f32> = p.down.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
@@ -335,21 +334,16 @@ fn merged_weight(weight: &Tensor, parts: &[Part], split: bool, mut buffer: Vec<f
             return Err(LoraError::Layout { down: p.down.dims().to_vec(), up: p.up.dims().to_vec() });
         }
         let sizes = (out, inner, r);
-        match &mut merged {
-            Some(w) => add_product_in_place(w, &up, &down, sizes, split),
-            None => {
-                easyphoto_diffusion::cpu::with_f32s([&original], |[w]| {
-                    add_product_into(&mut buffer, w, &up, &down, sizes, split);
-                    Ok(())
-                })?;
-                merged = Some(std::mem::take(&mut buffer));
-            }
+        if i == 0 {
+            easyphoto_diffusion::cpu::with_f32s([&original], |[w]| {
+                add_product_into(&mut buffer, w, &up, &down, sizes, split);
+                Ok(())
+            })?;
+        } else {
+            add_product_in_place(&mut buffer, &up, &down, sizes, split);
         }
     }
-    let merged = match merged {
-        Some(w) => Tensor::from_vec(w, weight.dims(), weight.device())?,
-        None => original,
-    };
+    let merged = if parts.is_empty() { original } else { Tensor::from_vec(buffer, weight.dims(), weight.device())? };
     Ok(merged.to_dtype(weight.dtype())?)
 }
 
